@@ -1,0 +1,2 @@
+"""elmforest: Branch-Train-Merge language models."""
+__version__ = "0.1.0"

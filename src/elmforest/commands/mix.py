@@ -1,0 +1,7 @@
+"""`elmforest` commands: mix (to be filled in)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""

@@ -1,0 +1,239 @@
+"""Typed, validated configuration: one pydantic model per concept, assembled into a `Recipe`.
+
+Recipes are YAML files loaded with the safe loader. Unknown keys and bad values are errors
+that name the file and the dotted key (`budget.seed_fraction: must be < 1`). `--set a.b=v`
+overrides are applied before validation and must name an existing key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from elmforest.errors import ElmError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(_Strict):
+    """Which tokenizer the run uses."""
+
+    vocab_size: int = Field(4096, ge=260, le=262144, description="BPE vocabulary size when training one.")
+    path: str | None = Field(None, description="An existing HF tokenizer folder; trained on the corpus when unset.")
+    sample_bytes_per_domain: int = Field(
+        4_000_000, gt=0, description="Training text drawn evenly from each train domain's train split."
+    )
+
+
+class ModelConfig(_Strict):
+    """Architecture of the seed and every expert."""
+
+    size: str | None = Field("tiny", description="Named size (tiny, demo, 125m, 350m); fields below override it.")
+    family: Literal["gpt2", "llama"] | None = Field(None, description="Hugging Face model family.")
+    layers: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0, description="Hidden size.")
+    heads: int | None = Field(None, gt=0)
+    context: int | None = Field(None, gt=1, description="Context length in tokens (block size).")
+    path: str | None = Field(None, description="Start from this local HF model folder instead of a fresh init.")
+
+
+class BudgetConfig(_Strict):
+    """Compute budget in tokens, shared by the dense baseline and the forest."""
+
+    total_tokens: int = Field(200_000, gt=0, description="Tokens the dense run sees in all (T).")
+    seed_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="Seed checkpoint at this fraction of T.")
+    batch_tokens: int = Field(4096, gt=0, description="Dense batch in tokens per optimizer step.")
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up and linear decay (the paper's schedule)."""
+
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    final_lr_fraction: float = Field(0.1, ge=0, le=1, description="LR at the end, as a fraction of the peak.")
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="Tokens per forward pass; the step accumulates gradients to batch_tokens."
+    )
+    bf16: bool = Field(False, description="bf16 autocast (CPU and GPU).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: all cores for one job.")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="Steps between valid-loss evaluations (0: only at the end).")
+    checkpoint_every: int = Field(50, gt=0, description="Steps between resumable checkpoints.")
+
+
+class EvalConfig(_Strict):
+    """How perplexity and the cached prior are computed."""
+
+    max_tokens_per_domain: int = Field(20_000, gt=0, description="Test tokens scored per domain.")
+    prior_sequences: int = Field(100, gt=0, description="Valid windows used to estimate the cached prior.")
+    prior_batch: int = Field(4, gt=0, description="Windows per batch in the prior's moving average.")
+    prior_alpha: float = Field(0.3, gt=0, le=1, description="EMA weight of each new batch mean.")
+    posterior: Literal["one_step", "full_prefix"] = Field(
+        "one_step", description="Per-position posterior: the reference code's one-step form or the paper's."
+    )
+    batch_size: int = Field(8, gt=0)
+
+
+class LauncherConfig(_Strict):
+    """Where expert trainings run."""
+
+    kind: Literal["sequential", "local", "ray", "slurm"] = "local"
+    workers: int | None = Field(None, gt=0, description="Parallel expert trainings (local); default from cores.")
+    threads_per_worker: int | None = Field(None, gt=0)
+    retries: int = Field(2, ge=0, description="Retries of a failed expert training, resuming its checkpoint.")
+    address: str | None = Field(None, description="Ray cluster address; unset starts a local Ray.")
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    slurm: dict[str, Any] = Field(default_factory=dict, description="submitit executor parameters.")
+
+
+class ArmsConfig(_Strict):
+    """Which compute-matched arms `elmforest run` trains besides the seed and the BTM forest."""
+
+    dense: bool = True
+    random_split: bool = True
+    demix: bool = False
+    btx: bool = False
+    btx_tokens: int = Field(0, ge=0, description="Extra fine-tuning tokens for BTX (reported separately).")
+
+
+class RoundConfig(_Strict):
+    """One round of incremental growth: these domains join the forest."""
+
+    domains: list[str]
+
+
+class Recipe(_Strict):
+    """A whole BTM study."""
+
+    corpus: str = Field(..., description="Corpus folder (see `elmforest corpus`).")
+    train_domains: list[str] = Field(..., min_length=1)
+    novel_domains: list[str] = Field(default_factory=list)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    arms: ArmsConfig = Field(default_factory=ArmsConfig)
+    rounds: list[RoundConfig] = Field(default_factory=list)
+    out: str = Field("runs/study", description="Output folder of `elmforest run`.")
+
+    @field_validator("train_domains", "novel_domains")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({d for d in v if v.count(d) > 1})
+        if dup:
+            raise ValueError(f"duplicate domain {dup[0]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        overlap = set(self.train_domains) & set(self.novel_domains)
+        if overlap:
+            raise ValueError(f"domain {sorted(overlap)[0]!r} is both a train and a novel domain")
+        n = len(self.train_domains)
+        if self.budget.batch_tokens % n:
+            raise ValueError(
+                f"budget.batch_tokens={self.budget.batch_tokens} must divide evenly among {n} train domains"
+            )
+        if self.rounds:
+            grown = [d for r in self.rounds for d in r.domains]
+            if sorted(grown) != sorted(self.train_domains):
+                raise ValueError("rounds must list every train domain exactly once")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "recipe"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`budget.total_tokens=1e6` -> (["budget", "total_tokens"], 1000000.0); values parse as YAML."""
+    if "=" not in text:
+        raise ElmError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ElmError(f"--set {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return parts, value
+
+
+def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_fields
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `--set` overrides to raw recipe data; each must name a key the recipe schema has."""
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        schema: type[BaseModel] | None = Recipe
+        node = data
+        for i, part in enumerate(parts):
+            fields = _known_keys(schema) if schema is not None else {}
+            if schema is not None and part not in fields:
+                raise ElmError(f"--set {text!r}: no key {'.'.join(parts[: i + 1])!r} in the recipe")
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            ann = fields[part].annotation if schema is not None else None
+            schema = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if schema is None:
+                raise ElmError(f"--set {text!r}: {'.'.join(parts[: i + 1])!r} has no sub-keys")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ElmError("recipe not found", path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ElmError("recipe is not UTF-8 text", path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ElmError(f"not valid YAML{where}", path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ElmError("a recipe must be a mapping of keys to values", path)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; relative `corpus`/`out` paths resolve against the CWD."""
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ElmError(_format_validation_error(e), path) from None
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ElmError(_format_validation_error(e), source) from None

@@ -1,0 +1,172 @@
+"""A corpus is a folder of domains, each split into train/valid/test JSONL files.
+
+    CORPUS/
+      manifest.json            domains, per-split documents/bytes(/tokens), source, licence
+      <domain>/train.jsonl     one {"text": ...} per line
+      <domain>/valid.jsonl
+      <domain>/test.jsonl
+
+Splits are decided per document by a hash of its text, so they are deterministic, disjoint and
+stable when documents are added: ~5% valid, ~5% test, the rest train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from elmforest import storage
+from elmforest.errors import ElmError
+
+SPLITS = ("train", "valid", "test")
+MANIFEST = "manifest.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_domain_name(name: str, where: str | Path | None = None) -> str:
+    """A domain (or expert) name must be a safe folder name: letters, digits, `_.-`, no `..`."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ElmError(
+            f"unsafe domain name {name!r}: use 1-64 letters, digits, '_', '-', '.' (no path separators or '..')",
+            where,
+        )
+    return name
+
+
+def split_of(text: str, valid_fraction: float = 0.05, test_fraction: float = 0.05) -> str:
+    """Deterministic split of one document from a hash of its text."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    u = h / 2**64
+    if u < valid_fraction:
+        return "valid"
+    if u < valid_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+@dataclass
+class DomainSource:
+    """Documents of one domain plus where they came from."""
+
+    name: str
+    documents: Iterable[str]
+    source: str = ""
+    licence: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_corpus(out: str | Path, domains: Iterable[DomainSource], description: str = "") -> dict[str, Any]:
+    """Write a corpus folder atomically (built in a temporary folder, renamed when complete).
+
+    Documents are stripped, blank ones dropped and exact duplicates removed within a domain.
+    Returns the manifest.
+    """
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise ElmError("a corpus already exists here; choose another --out or delete it", out)
+    if out.exists() and any(out.iterdir()):
+        raise ElmError("output folder exists and is not empty", out)
+    if out.exists():
+        out.rmdir()
+    manifest: dict[str, Any] = {"format": "elmforest-corpus/1", "description": description, "domains": {}}
+    with storage.atomic_dir(out) as tmp:
+        for dom in domains:
+            check_domain_name(dom.name)
+            if dom.name in manifest["domains"]:
+                raise ElmError(f"duplicate domain {dom.name!r}")
+            (tmp / dom.name).mkdir()
+            seen: set[bytes] = set()
+            stats = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
+            files = {s: open(tmp / dom.name / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+            try:
+                for text in dom.documents:
+                    text = text.strip()
+                    if not text:
+                        continue
+                    key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    s = split_of(text)
+                    files[s].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                    stats[s]["documents"] += 1
+                    stats[s]["bytes"] += len(text.encode("utf-8"))
+            finally:
+                for f in files.values():
+                    f.close()
+            if sum(st["documents"] for st in stats.values()) == 0:
+                raise ElmError(f"domain {dom.name!r} has no documents")
+            manifest["domains"][dom.name] = {
+                "source": dom.source,
+                "licence": dom.licence,
+                "splits": stats,
+                **dom.extra,
+            }
+        if not manifest["domains"]:
+            raise ElmError("no domains to write", out)
+        storage.write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+class Corpus:
+    """A corpus folder opened for reading; validates the manifest and the domain folders."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise ElmError("corpus folder not found", self.path)
+        if not mpath.is_file():
+            raise ElmError("not a corpus: manifest.json is missing", self.path)
+        try:
+            self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ElmError("manifest is not valid JSON", mpath) from None
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("domains"), dict):
+            raise ElmError("manifest field 'domains' is missing or not a mapping", mpath)
+        for name in self.manifest["domains"]:
+            check_domain_name(name, mpath)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.manifest["domains"])
+
+    def require(self, domains: Iterable[str], where: str | Path | None = None) -> None:
+        for d in domains:
+            if d not in self.manifest["domains"]:
+                raise ElmError(f"domain {d!r} is not in corpus {self.path} (has: {', '.join(self.domains)})", where)
+
+    def split_path(self, domain: str, split: str) -> Path:
+        if split not in SPLITS:
+            raise ElmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        self.require([domain])
+        return self.path / domain / f"{split}.jsonl"
+
+    def texts(self, domain: str, split: str) -> Iterator[str]:
+        """Yield the documents of one split, validating each line."""
+        path = self.split_path(domain, split)
+        if not path.is_file():
+            raise ElmError("split file is missing", path)
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise ElmError(f"line {lineno}: not UTF-8 text", path) from None
+                except ValueError:
+                    raise ElmError(f"line {lineno}: not valid JSON", path) from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ElmError(f"line {lineno}: field 'text' is missing or not a string", path)
+                yield obj["text"]
+
+    def update_manifest(self, fn) -> None:
+        """Apply `fn(manifest)` and write the manifest back atomically (e.g. to record token counts)."""
+        fn(self.manifest)
+        storage.write_json(self.path / MANIFEST, self.manifest)
