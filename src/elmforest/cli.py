@@ -25,6 +25,7 @@ app = typer.Typer(
 # Command modules, each with `register(app)`; listed here so `--help` shows a stable order.
 COMMAND_MODULES = [
     "corpus",
+    "cluster",
     "tokenizer",
     "train",
     "forest",

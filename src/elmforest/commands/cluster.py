@@ -1,0 +1,61 @@
+"""`elmforest corpus cluster`: c-BTM domains discovered by clustering (see `elmforest.cluster`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from elmforest.cluster import cluster_corpus
+from elmforest.corpus import Corpus
+
+
+def corpus_cluster(
+    corpus: Path = typer.Argument(..., help="Corpus folder whose documents are clustered."),
+    k: int = typer.Option(..., "--k", help="Number of clusters; each becomes a domain cluster0..cluster{k-1}."),
+    out: Path = typer.Option(..., "--out", help="New corpus folder to write (must not exist or be empty)."),
+    domains: str | None = typer.Option(
+        None, "--domains", help="Comma-separated source domains to cluster (default: all of them)."
+    ),
+    tolerance: float = typer.Option(
+        0.1, "--tolerance", help="Balance slack: a cluster holds at most ceil(n/k * (1 + tolerance)) train documents."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the SVD and of the k-means++ initialisation."),
+    svd_dim: int = typer.Option(100, "--svd-dim", help="Dimensions kept by the truncated SVD of the tf-idf vectors."),
+    max_features: int = typer.Option(50000, "--max-features", help="Largest tf-idf vocabulary (most frequent words)."),
+    stop_words: bool = typer.Option(
+        True, "--stop-words/--no-stop-words", help="Drop English stop words before tf-idf."
+    ),
+) -> None:
+    """Cluster a corpus into k balanced domains (tf-idf, SVD, balanced k-means) and write it as a new corpus.
+
+    Prints the table of source domain x cluster document counts and the adjusted Rand index.
+    """
+    chosen = [d.strip() for d in domains.split(",") if d.strip()] if domains is not None else None
+    summary = cluster_corpus(
+        Corpus(corpus), chosen, k, out, svd_dim=svd_dim, seed=seed, tolerance=tolerance,
+        max_features=max_features, stop_words=stop_words,
+    )
+    table = Table(title=f"documents per source domain and cluster ({out})")
+    table.add_column("domain")
+    for name in summary["clusters"]:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    counts = summary["contingency"]["counts"]
+    for name, row in zip(summary["contingency"]["rows"], counts):
+        table.add_row(name, *map(str, row), str(sum(row)))
+    col_totals = [sum(col) for col in zip(*counts)]
+    table.add_row("total", *map(str, col_totals), str(sum(col_totals)), style="bold")
+    console = Console()
+    console.print(table)
+    console.print(f"adjusted Rand index vs source domains: {summary['adjusted_rand_index']:.4f}")
+    console.print(f"wrote {out} (clusterer in {out / 'clusterer'})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `cluster` to the `corpus` command group defined in `elmforest.commands.corpus`."""
+    from elmforest.commands.corpus import corpus_app  # the `elmforest corpus` group
+
+    corpus_app.command("cluster")(corpus_cluster)
