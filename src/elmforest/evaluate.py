@@ -1,0 +1,100 @@
+"""Perplexity on fixed evaluation windows.
+
+Every method (one expert, the dense model, an ensemble, an averaged model) is scored on the same
+tokens: `eval_windows` cuts the first `max_tokens` tokens of a domain's split into windows of
+`context + 1` tokens that overlap by one token, so each window predicts `context` tokens and
+every token after the first is predicted exactly once (the tail that does not fill a window is
+dropped):
+
+    array:   t0 t1 t2 t3 t4 t5 t6 ...        (context = 3)
+    window0: t0 t1 t2 t3                      predicts t1 t2 t3
+    window1:          t3 t4 t5 t6             predicts t4 t5 t6
+
+A "log-prob function" maps windows LongTensor[B, T+1] to log p(x_t | x_<t) for t = 1..T as a
+FloatTensor[B, T]; `token_logprobs` is the one for a single causal LM, `Ensemble.logprobs` the
+one for a mixture of experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from elmforest.errors import ElmError, require
+
+LogprobFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (CPU for a parameter-less module)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T of each window: tokens [B, T+1] -> float32 [B, T].
+
+    log_softmax gathered at the targets, computed as logit[target] - logsumexp(logits) so the
+    [B, T, vocab] log-softmax is never materialised. Returned on the tokens' device.
+    """
+    model.eval()
+    ids = tokens.to(model_device(model))
+    logits = model(ids[:, :-1]).logits.float()  # [B, T, V]
+    targets = ids[:, 1:].unsqueeze(-1)  # [B, T, 1]
+    logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp.to(tokens.device)
+
+
+def eval_windows(array: np.ndarray, context: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Cut a 1-D token array into non-overlapping scoring windows -> LongTensor[N, context+1].
+
+    Only the first `max_tokens` tokens are used (all of them when None); window i covers
+    array[i*context : i*context + context + 1]. N = (len - 1) // context windows predict
+    N * context tokens, each exactly once.
+    """
+    require(context >= 1, f"context must be >= 1, got {context}")
+    flat = np.asarray(array).reshape(-1)
+    if max_tokens is not None:
+        require(max_tokens >= 2, f"max_tokens must be >= 2, got {max_tokens}")
+        flat = flat[:max_tokens]
+    n = (len(flat) - 1) // context
+    if n < 1:
+        raise ElmError(
+            f"too few tokens for one evaluation window: {len(flat)} tokens, context {context} "
+            f"needs at least {context + 1}"
+        )
+    # starts[i] + offsets -> [N, context+1] index grid (the last token of a window is the first
+    # of the next one).
+    starts = np.arange(n, dtype=np.int64)[:, None] * context
+    grid = starts + np.arange(context + 1, dtype=np.int64)[None, :]
+    return torch.from_numpy(flat[grid].astype(np.int64))
+
+
+def perplexity(
+    logprob_fn: LogprobFn | nn.Module, windows: torch.Tensor, batch_size: int = 8
+) -> dict[str, float]:
+    """Score `windows` [N, T+1] batch by batch -> {"ppl", "nll", "tokens"}.
+
+    nll is the mean negative log-likelihood per predicted token (nats) over all N * T tokens and
+    ppl = exp(nll). `logprob_fn` is a log-prob function or a causal LM (scored with
+    `token_logprobs`).
+    """
+    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    require(windows.ndim == 2 and windows.shape[1] >= 2, "windows must be a [N, T+1] tensor, T >= 1")
+    if isinstance(logprob_fn, nn.Module):
+        model = logprob_fn
+        logprob_fn = lambda tokens: token_logprobs(model, tokens)  # noqa: E731
+    total = 0.0  # summed in float64 so long evaluations do not lose precision
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logp = logprob_fn(batch)  # [b, T]
+        total += float(logp.double().sum())
+        count += logp.numel()
+    nll = -total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count}
