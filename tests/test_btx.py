@@ -1,0 +1,182 @@
+"""BTX: llama experts mixed into a Mixtral MoE, router fine-tuning, HF export; tiny random models."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
+
+from elmforest.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, save_moe
+from elmforest.errors import ElmError
+from elmforest.models import flops_per_token
+
+torch.set_num_threads(1)
+V, H = 64, 32
+
+
+def llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    cfg = LlamaConfig(**{**fields, **overrides})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tokens(B: int = 3, T: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def force_expert(moe: MixtralForCausalLM, i: int, monkeypatch) -> None:
+    """Make every layer's router send every token to expert i alone (weight 1)."""
+    n = moe.config.num_local_experts
+
+    def route(h):
+        N = h.reshape(-1, H).shape[0]
+        return torch.zeros(N, n), torch.ones(N, 1), torch.full((N, 1), i)
+
+    for layer in moe.model.layers:
+        monkeypatch.setattr(layer.mlp.gate, "forward", route)
+
+
+def test_each_expert_is_an_exact_copy_of_that_llama_mlp():
+    experts = [llama(s) for s in (0, 1, 2)]
+    moe = mix_experts(experts, top_k=1)
+    assert isinstance(moe, MixtralForCausalLM) and moe.config.num_local_experts == 3
+    assert moe.config.num_experts_per_tok == 1
+    h = torch.randn(2, 7, H)
+    h[..., 0] = h[..., 0].abs() + 0.1  # feature 0 > 0 on every token
+    with torch.no_grad():
+        for layer_idx, layer in enumerate(moe.model.layers):
+            for i, expert in enumerate(experts):
+                # Router forced through its real weights: logit_i = 50 * h_0 > 0 = every other logit.
+                layer.mlp.gate.weight.zero_()
+                layer.mlp.gate.weight[i, 0] = 50.0
+                want = expert.model.layers[layer_idx].mlp(h)
+                torch.testing.assert_close(layer.mlp(h), want, atol=1e-5, rtol=0)
+                assert not torch.allclose(want, experts[(i + 1) % 3].model.layers[layer_idx].mlp(h), atol=1e-4)
+
+
+def test_weighted_average_with_forced_routing_reproduces_each_expert(monkeypatch):
+    experts = [llama(s) for s in (0, 1)]
+    x = tokens()
+    for i in (0, 1):
+        moe = mix_experts(experts, weights=[float(i == 0), float(i == 1)], top_k=2)
+        force_expert(moe, i, monkeypatch)
+        torch.testing.assert_close(logits_of(moe, x), logits_of(experts[i], x), atol=1e-5, rtol=0)
+    # Non-expert parameters are the weighted average.
+    moe = mix_experts(experts, weights=[3.0, 1.0])
+    key = "model.layers.1.self_attn.q_proj.weight"
+    want = 0.75 * experts[0].state_dict()[key] + 0.25 * experts[1].state_dict()[key]
+    torch.testing.assert_close(moe.state_dict()[key], want, atol=1e-6, rtol=0)
+
+
+def test_identical_experts_reproduce_the_llama_model():
+    base = llama(0)
+    experts = [copy.deepcopy(base) for _ in range(3)]
+    moe = mix_experts(experts, top_k=2, seed=7)
+    x = tokens()
+    torch.testing.assert_close(logits_of(moe, x), logits_of(base, x), atol=1e-5, rtol=0)
+    routers = router_parameters(moe)
+    assert len(routers) == 2 and all(r.shape == (3, H) for r in routers)
+    assert 0 < float(routers[0].detach().std()) < 0.05  # small random
+    assert torch.equal(mix_experts(experts, seed=7).state_dict()["model.layers.0.mlp.gate.weight"], routers[0])
+    assert not torch.equal(mix_experts(experts, seed=8).state_dict()["model.layers.0.mlp.gate.weight"], routers[0])
+
+
+def test_export_loads_with_auto_model(tmp_path):
+    moe = mix_experts([llama(0), llama(1)], top_k=2)
+    x = tokens()
+    save_moe(moe, tmp_path / "btx")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "btx")
+    assert isinstance(loaded, MixtralForCausalLM)
+    assert list((tmp_path / "btx").glob("*.safetensors"))
+    torch.testing.assert_close(logits_of(loaded.eval(), x), logits_of(moe, x), atol=1e-6, rtol=0)
+    with pytest.raises(ElmError, match="already exists"):
+        save_moe(moe, tmp_path / "btx")
+
+
+def test_rejects_gpt2_and_mismatched_experts():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=H, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ElmError, match="llama-family"):
+        mix_experts([gpt2, gpt2])
+    with pytest.raises(ElmError, match="intermediate_size"):
+        mix_experts([llama(0), llama(1, intermediate_size=64)])
+    with pytest.raises(ElmError, match="mlp_bias"):
+        mix_experts([llama(0, mlp_bias=True)] * 2)
+    with pytest.raises(ElmError, match="weights"):
+        mix_experts([llama(0), llama(1)], weights=[1.0])
+    with pytest.raises(ElmError, match="top_k"):
+        mix_experts([llama(0), llama(1)], top_k=3)
+
+
+def counting(B: int, T: int, seed: int) -> torch.Tensor:
+    """A learnable task: each row counts up by one (mod V) from a random start."""
+    start = torch.randint(0, V, (B, 1), generator=torch.Generator().manual_seed(seed))
+    return (start + torch.arange(T)) % V
+
+
+def _good_and_bad_experts() -> list[LlamaForCausalLM]:
+    """Expert 0 learned the counting task; expert 1 is expert 0 with scrambled, amplified MLPs."""
+    good = llama(0)
+    opt = torch.optim.AdamW(good.parameters(), lr=1e-2)
+    good.train()
+    for step in range(30):
+        batch = counting(8, 17, seed=100 + step)
+        loss = good(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    good.eval()
+    bad = copy.deepcopy(good)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in bad.model.layers:
+            for p in layer.mlp.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return [good, bad]
+
+
+def _ce(moe, batch) -> float:
+    with torch.no_grad():
+        logits = moe(input_ids=batch[:, :-1]).logits
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
+
+
+def test_finetune_router_only_moves_routers_and_lowers_loss():
+    moe = mix_experts(_good_and_bad_experts(), top_k=2)
+    batches = [counting(4, 17, seed=s) for s in range(4)]
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    ce_before = _ce(moe, batches[0])
+    metrics = finetune_router(moe, batches, steps=25, lr=0.05)
+    after = moe.state_dict()
+    for key, value in before.items():
+        if key.endswith(".mlp.gate.weight"):
+            assert not torch.equal(after[key], value), key
+        else:
+            assert torch.equal(after[key], value), key
+    assert _ce(moe, batches[0]) < ce_before - 0.5
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert metrics["steps"] == 25 and metrics["tokens"] == 25 * 4 * 16 and not metrics["train_all"]
+    assert metrics["trained_params"] == 2 * 2 * H  # two layers' [2, H] routers
+    per_token = moe_flops_per_token(moe, 16)
+    # top-2 MLPs + router cost more than one expert, whose cost is the dense models' convention
+    assert per_token["moe"] - per_token["dense_expert"] == 2 * 2 * (3 * H * 48 + 2 * H)
+    assert 3 * per_token["dense_expert"] == flops_per_token(llama(0).config, 16)
+    assert metrics["flops"] == pytest.approx(2 * per_token["moe"] * metrics["tokens"])
+    assert all(p.requires_grad for p in moe.parameters()) and not moe.training  # state restored
+
+
+def test_finetune_train_all_moves_everything():
+    moe = mix_experts(_good_and_bad_experts(), top_k=2)
+    before = moe.state_dict()["model.embed_tokens.weight"].clone()
+    metrics = finetune_router(moe, [tokens(2, 9)], steps=2, lr=1e-3, train_all=True, aux_loss_coef=0.0)
+    assert not torch.equal(moe.state_dict()["model.embed_tokens.weight"], before)
+    assert metrics["trained_params"] == sum(p.numel() for p in moe.parameters())
+    assert metrics["flops"] == pytest.approx(3 * moe_flops_per_token(moe, 8)["moe"] * metrics["tokens"])
