@@ -65,6 +65,7 @@ class OptimConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast (CPU and GPU).")
     compile: bool = Field(False, description="torch.compile the model.")
     threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: all cores for one job.")
+    device: str = Field("auto", description="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="Steps between valid-loss evaluations (0: only at the end).")
@@ -82,6 +83,9 @@ class EvalConfig(_Strict):
         "one_step", description="Per-position posterior: the reference code's one-step form or the paper's."
     )
     batch_size: int = Field(8, gt=0)
+    valid_windows_per_domain: int = Field(
+        16, gt=0, description="Valid windows per domain scored during training (the compute curves)."
+    )
 
 
 class LauncherConfig(_Strict):

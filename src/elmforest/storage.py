@@ -95,3 +95,16 @@ def clean_stale_temporaries(folder: str | Path) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def append_line(target: str | Path, line: str) -> None:
+    """Append one line to a log such as `metrics.jsonl` and flush it to the OS.
+
+    An append cannot be atomic: a kill may leave a torn last line. Readers skip lines that do not
+    parse, and a resumed training run rewrites the log (atomically) up to its checkpoint.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()

@@ -1,7 +1,28 @@
-"""`elmforest` commands: study (to be filled in)."""
+"""`elmforest run`: the whole compute-matched study from one recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from elmforest.config import load_recipe
+
+
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/demo.yaml)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: the recipe's `out`)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set budget.total_tokens=1e6 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
+) -> None:
+    """Run the compute-matched BTM study: seed, dense, BTM forest, random-split forest,
+    evaluation and report. Rerunning the same command continues an interrupted run and skips
+    finished stages."""
+    from elmforest.study import run_study
+
+    r = load_recipe(recipe, set_)
+    run_study(r, out or Path(r.out), progress=not no_progress)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    app.command("run")(run)

@@ -1,0 +1,155 @@
+"""Checkpoints: safetensors weights with a checksum, and the resumable training state.
+
+`model.safetensors` is what Hugging Face writes too (tied tensors stored once, metadata
+`{"format": "pt"}`), plus `"sha256"`: a digest of every tensor's name, dtype, shape and bytes in
+sorted key order, so a flipped bit or a truncated copy is caught before a model is used.
+
+`train_state.pt` holds everything else a run needs to continue bit-identically: optimizer state,
+step, sampler state, RNG states. It holds only tensors, numbers, strings, lists, tuples and dicts,
+so it loads with `torch.load(weights_only=True)` (no arbitrary unpickling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from elmforest import storage
+from elmforest.errors import ElmError
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAIN_STATE_NAME = "train_state.pt"
+
+
+class WeightsHasher:
+    """Streaming form of `weights_sha256`: feed tensors in sorted name order, one at a time."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        self._h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        self._h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
+    hasher = WeightsHasher()
+    for name in sorted(tensors):
+        hasher.update(name, tensors[name])
+    return hasher.hexdigest()
+
+
+def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as saved: detached, contiguous, on CPU, each shared tensor once.
+
+    Tied weights (GPT-2's `lm_head.weight` is `transformer.wte.weight`) appear twice in
+    `state_dict()`; like Hugging Face we keep the first name (the input embedding) and drop the
+    alias, which `from_pretrained` re-ties from the config's `tie_word_embeddings`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path) -> str:
+    """Write `tensors` atomically as a safetensors file with the checksum in its metadata; returns it."""
+    digest = weights_sha256(tensors)
+    with storage.atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata={"format": "pt", "sha256": digest})
+    return digest
+
+
+def save_weights(model: Any, folder: str | Path) -> str:
+    """Write `folder/model.safetensors` and `folder/config.json` (each atomic); returns the checksum."""
+    folder = Path(folder)
+    digest = write_safetensors(weights_state_dict(model), folder / WEIGHTS_NAME)
+    storage.write_text(folder / CONFIG_NAME, model.config.to_json_string())
+    return digest
+
+
+def verify_weights(path: str | Path) -> str | None:
+    """Check a safetensors file (or a folder's `model.safetensors`) against its stored checksum.
+
+    Returns the checksum, or None for a valid file written elsewhere without one (e.g. by
+    `save_pretrained`). Raises ElmError naming the file when it is missing, truncated, not a
+    safetensors file, or its tensors do not match the checksum.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise ElmError("weights file not found", path)
+    hasher = WeightsHasher()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            for name in sorted(f.keys()):
+                hasher.update(name, f.get_tensor(name))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise ElmError("checkpoint corrupt: truncated or not a safetensors file", path) from None
+    if expected is None:
+        return None
+    if hasher.hexdigest() != expected:
+        raise ElmError("checkpoint corrupt: checksum mismatch", path)
+    return expected
+
+
+def load_weights_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Copy `tensors` (as written by `weights_state_dict`) into `model` in place.
+
+    Every model tensor must be present except dropped aliases of tied tensors; anything else
+    (a missing or extra name, a shape mismatch) is an ElmError naming `source`.
+    """
+    expected = weights_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ElmError(f"weights do not match the model architecture ({what})", source)
+    try:
+        model.load_state_dict(dict(tensors), strict=False)  # strict=False: tied aliases are absent
+    except RuntimeError as e:
+        detail = str(e).splitlines()[-1].strip()
+        raise ElmError(f"weights do not match the model architecture ({detail})", source) from None
+
+
+def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save `state` atomically. Keep it to tensors, numbers, strings, None, lists, tuples, dicts."""
+    with storage.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Load a `train_state.pt` safely (weights_only=True, tensors mapped to CPU)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRAIN_STATE_NAME
+    if not path.is_file():
+        raise ElmError("train state not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError):
+        raise ElmError("train state corrupt: truncated or not a torch.save file", path) from None
+    if not isinstance(state, dict):
+        raise ElmError("train state corrupt: not a dict", path)
+    return state

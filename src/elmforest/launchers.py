@@ -1,0 +1,434 @@
+"""Where expert trainings run: in this process, in local worker processes, on Ray, or on Slurm.
+
+Experts train with zero communication between them (the "embarrassingly parallel" part of
+BTM), so a launcher only has to run one plain function per expert folder:
+
+    fn(path: str, threads: int | None) -> dict     # e.g. elmforest.phases.train_expert
+
+`fn` reads everything it needs from the folder, resumes from the folder's last checkpoint and is
+idempotent. That is what makes failures cheap: a job whose worker dies (exception, non-zero exit,
+SIGKILL, Ray task error, Slurm job failure) is simply called again on the same folder, up to
+`LauncherConfig.retries` times, and picks up where its last checkpoint left off. Each retry logs
+one line `retry 1/2 for expert NAME: <reason>`; the other jobs are not disturbed. An expert that
+still fails after its retries raises `ElmError` once every other job has finished.
+
+Kinds (`LauncherConfig.kind`):
+
+- `sequential`: one job after another in this process (debugging; Python-level output only is
+  captured in the log).
+- `local` (default): one spawned process per job, at most `workers` in flight, each with
+  `threads` torch threads. One process per job (not a pool) so a killed worker costs only its
+  own job.
+- `ray`: one Ray task per job. Ray is started in-process (and shut down afterwards) unless it
+  is already running or `address` names a cluster. Every node must see the expert folders at
+  the same paths (a shared filesystem: NFS, Lustre, ...); `fn` must be importable on every node.
+- `slurm`: one submitit job per expert; `LauncherConfig.slurm` holds submitit `AutoExecutor`
+  parameters plus `folder` (submitit's logs, default `<common parent>/.submitit`) and `cluster`
+  (`slurm`, or `local` to run on this machine; default: auto-detected).
+
+Each job's stdout and stderr are appended to `<path>/train.log` (a log stream, not a result
+file, so it is appended rather than written atomically). `fn` must be a top-level function of
+an importable module: it is pickled by reference into spawned processes, Ray tasks and Slurm jobs.
+Ray and submitit are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from elmforest.config import LauncherConfig
+from elmforest.errors import ElmError, require
+
+JobFn = Callable[[str, int | None], dict]
+Log = Callable[[str], Any]
+
+LOG_NAME = "train.log"  # per-job log file inside each expert folder
+
+
+def default_workers(n_jobs: int, cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) that use every core: as many workers as jobs, up to the cores.
+
+    2 cores, 4 jobs -> (2, 1); 2 cores, 1 job -> (1, 2); 8 cores, 3 jobs -> (3, 2).
+    """
+    cores = max(1, cores or os.cpu_count() or 1)
+    workers = max(1, min(n_jobs, cores))
+    return workers, max(1, cores // workers)
+
+
+@dataclass
+class _Job:
+    """One expert's training: the folder, its name, and how many times it has been started."""
+
+    name: str
+    path: str
+    attempts: int = 0
+
+
+Done = Callable[[_Job, dict], None]  # called once per finished job with its result
+
+
+class _Retries:
+    """Retry bookkeeping shared by every launcher: log each retry, remember final failures."""
+
+    def __init__(self, retries: int, log: Log):
+        self.retries = retries
+        self.log = log
+        self.failures: list[tuple[_Job, str]] = []
+
+    def should_retry(self, job: _Job, reason: str) -> bool:
+        """After `job` failed with `reason`: True to run it again, False once it has no retries left."""
+        reason = _one_line(reason)
+        if job.attempts <= self.retries:
+            self.log(f"retry {job.attempts}/{self.retries} for expert {job.name}: {reason}")
+            return True
+        self.failures.append((job, reason))
+        return False
+
+    def raise_failures(self) -> None:
+        if not self.failures:
+            return
+        job, reason = self.failures[0]
+        more = f" (and {len(self.failures) - 1} more failed experts)" if len(self.failures) > 1 else ""
+        raise ElmError(
+            f"expert {job.name} failed after {job.attempts} attempts: {reason}; "
+            f"see {Path(job.path) / LOG_NAME}{more}"
+        )
+
+
+def run_jobs(
+    paths: list[str],
+    fn: JobFn,
+    config: LauncherConfig,
+    *,
+    names: list[str] | None = None,
+    log: Log = print,
+) -> dict[str, dict]:
+    """Run `fn(path, threads)` once per expert folder, the way `config.kind` says.
+
+    Returns {name: fn's result} in the order of `paths`; names default to the folder names.
+    Raises ElmError naming the expert if one still fails after `config.retries` retries.
+    """
+    paths = [str(p) for p in paths]
+    names = list(names) if names is not None else [Path(p).name for p in paths]
+    require(len(names) == len(paths), f"{len(names)} names given for {len(paths)} expert folders")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ElmError(f"two experts are named {dup[0]!r}")
+    for path in paths:
+        require(Path(path).is_dir(), "expert folder not found", path)
+    if not paths:
+        return {}
+    jobs = [_Job(name, path) for name, path in zip(names, paths)]
+    launch = {"sequential": _run_sequential, "local": _run_local, "ray": _run_ray, "slurm": _run_slurm}
+    results: dict[str, dict] = {}
+    # The bar is bound to the real stderr now, so in-process jobs redirecting sys.stderr
+    # to their train.log do not capture the bar's refreshes.
+    with Progress(
+        TextColumn(f"experts ({config.kind})"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+    ) as progress:
+        task = progress.add_task("experts", total=len(jobs))
+
+        def done(job: _Job, result: dict) -> None:
+            results[job.name] = result
+            progress.advance(task)
+
+        retries = _Retries(config.retries, log)
+        launch[config.kind](jobs, fn, config, retries, done, log)
+    retries.raise_failures()
+    return {name: results[name] for name in names}
+
+
+# --- what runs inside every worker -------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    """The informative line of an error text: the exception line of a traceback, else the first."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[-1]
+    return lines[0]
+
+
+def _describe(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _output_to_log(path: str, fd_level: bool) -> Iterator[None]:
+    """Append this job's stdout and stderr to `<path>/train.log` for the duration of the job.
+
+    fd_level also redirects file descriptors 1 and 2, catching output of C code and
+    subprocesses; the old descriptors are restored afterwards because Ray and submitit reuse
+    the process. Python-level redirection alone is used in-process (sequential), where the
+    parent's own descriptors must stay on the terminal.
+    """
+    with open(Path(path) / LOG_NAME, "a", buffering=1, encoding="utf-8") as f:
+        saved: list[int] = []
+        if fd_level:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = [os.dup(1), os.dup(2)]
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        finally:
+            f.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+def run_one(fn: JobFn, path: str, threads: int | None, attempt: int, fd_level: bool = True) -> dict:
+    """Run one job the way every launcher does: torch threads set, output in train.log.
+
+    Exceptions propagate (after their traceback is written to the log).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    with _output_to_log(path, fd_level):
+        print(f"== elmforest job: attempt {attempt}, pid {os.getpid()}, threads {threads} ==", flush=True)
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return fn(path, threads)
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            torch.set_num_threads(before)  # leave a reused process (Ray, sequential) as it was
+
+
+# --- sequential ------------------------------------------------------------------------------------
+
+
+def _run_sequential(
+    jobs: list[_Job], fn: JobFn, config: LauncherConfig, retries: _Retries, done: Done, log: Log
+) -> None:
+    threads = config.threads_per_worker or default_workers(1)[1]
+    log(f"training {len(jobs)} experts one after another, {threads} threads")
+    for job in jobs:
+        while True:
+            job.attempts += 1
+            try:
+                result = run_one(fn, job.path, threads, job.attempts, fd_level=False)
+            except Exception as e:  # KeyboardInterrupt propagates
+                if retries.should_retry(job, _describe(e)):
+                    continue
+                break
+            done(job, result)
+            break
+
+
+# --- local worker processes ------------------------------------------------------------------------
+
+
+def _local_worker(fn: JobFn, path: str, threads: int, attempt: int, conn) -> None:
+    """Body of one spawned worker: run the job and send ("ok", result) or ("error", reason)."""
+    # Ctrl-C reaches the whole process group; the parent alone handles it and terminates us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        message = ("ok", run_one(fn, path, threads, attempt))
+    except BaseException as e:
+        message = ("error", _describe(e))
+    with contextlib.suppress(OSError):  # the parent may be gone already
+        conn.send(message)
+        conn.close()
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"worker killed by {signal.Signals(-exitcode).name}"
+    return f"worker exited with status {exitcode} without a result"
+
+
+def _run_local(
+    jobs: list[_Job], fn: JobFn, config: LauncherConfig, retries: _Retries, done: Done, log: Log
+) -> None:
+    workers = min(config.workers or default_workers(len(jobs))[0], len(jobs))
+    threads = config.threads_per_worker or default_workers(workers)[1]  # cores shared by those in flight
+    log(f"training {len(jobs)} experts in {workers} worker processes x {threads} threads")
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/thread state
+    queue = deque(jobs)
+    running: dict[int, tuple[_Job, Any, Any]] = {}  # sentinel -> (job, process, reader)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.popleft()
+                job.attempts += 1
+                reader, writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_local_worker,
+                    args=(fn, job.path, threads, job.attempts, writer),
+                    name=f"elmforest-{job.name}",
+                    daemon=True,
+                )
+                proc.start()
+                writer.close()  # only the child writes; our copy closed lets us see EOF
+                running[proc.sentinel] = (job, proc, reader)
+            # Wake on any exit; the timeout keeps Ctrl-C responsive while blocked here.
+            ready = multiprocessing.connection.wait(list(running), timeout=1.0)
+            for sentinel in ready:
+                job, proc, reader = running.pop(sentinel)
+                proc.join()
+                # The child sends before it exits, so its message (if any) is in the pipe now;
+                # a killed child leaves only the end of the pipe (EOF).
+                try:
+                    message = reader.recv() if reader.poll() else None
+                except EOFError:
+                    message = None
+                reader.close()
+                message = message or ("error", _exit_reason(proc.exitcode))
+                if message[0] == "ok":
+                    done(job, message[1])
+                elif retries.should_retry(job, message[1]):
+                    queue.appendleft(job)
+    finally:  # normal end: nothing left; Ctrl-C or an error here: stop the workers
+        for job, proc, reader in running.values():
+            proc.terminate()
+        for job, proc, reader in running.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            reader.close()
+
+
+# --- Ray -------------------------------------------------------------------------------------------
+
+
+def _ray_task(fn: JobFn, path: str, threads: int, attempt: int) -> dict:
+    return run_one(fn, path, threads, attempt)
+
+
+def _run_ray(
+    jobs: list[_Job], fn: JobFn, config: LauncherConfig, retries: _Retries, done: Done, log: Log
+) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry unless the user opts in
+    try:
+        import ray
+    except ImportError:
+        raise ElmError("launcher.kind: 'ray' needs Ray: pip install 'elmforest[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        if config.address:
+            ray.init(address=config.address)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+            started = True
+    try:
+        have = ray.cluster_resources()
+        if not config.address:  # a fixed cluster cannot grow: a task it cannot fit would wait forever
+            for key, want in (("CPU", config.num_cpus), ("GPU", config.num_gpus)):
+                require(
+                    want <= have.get(key, 0),
+                    f"launcher.num_{key.lower()}s={want} exceeds the Ray cluster's {have.get(key, 0)} {key}s",
+                )
+        threads = config.threads_per_worker or max(1, int(config.num_cpus))
+        log(f"training {len(jobs)} experts as Ray tasks ({config.num_cpus} CPUs, {config.num_gpus} GPUs each)")
+        # max_retries=0: we retry ourselves, so each retry is logged and resumes from the checkpoint.
+        remote = ray.remote(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_retries=0)(_ray_task)
+        pending: dict[Any, _Job] = {}
+
+        def submit(job: _Job) -> None:
+            job.attempts += 1
+            pending[remote.remote(fn, job.path, threads, job.attempts)] = job
+
+        for job in jobs:
+            submit(job)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        cause = getattr(e, "cause", None)  # RayTaskError carries the job's exception
+                        if retries.should_retry(job, _describe(cause) if cause else _describe(e)):
+                            submit(job)
+                        continue
+                    done(job, result)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- Slurm (submitit) ------------------------------------------------------------------------------
+
+
+def _run_slurm(
+    jobs: list[_Job], fn: JobFn, config: LauncherConfig, retries: _Retries, done: Done, log: Log
+) -> None:
+    try:
+        import submitit
+    except ImportError:
+        raise ElmError("launcher.kind: 'slurm' needs submitit: pip install 'elmforest[slurm]'") from None
+    params = dict(config.slurm)
+    parents = [str(Path(j.path).resolve().parent) for j in jobs]  # the forest folder, usually
+    folder = params.pop("folder", None) or str(Path(os.path.commonpath(parents)) / ".submitit")
+    cluster = params.pop("cluster", None)
+    params.setdefault("cpus_per_task", max(1, int(config.num_cpus)))
+    if config.num_gpus:
+        params.setdefault("gpus_per_node", int(config.num_gpus))
+    params.setdefault("timeout_min", 24 * 60)  # submitit's own default (5 min on Slurm) is too short
+    threads = config.threads_per_worker or params["cpus_per_task"]
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        executor.update_parameters(**params)
+    except (ValueError, NameError, AssertionError) as e:
+        raise ElmError(f"launcher.slurm: {_describe(e)}") from None
+    log(f"training {len(jobs)} experts as submitit jobs ({executor.cluster}), logs in {folder}")
+    active: dict[Any, _Job] = {}
+
+    def submit(job: _Job) -> None:
+        job.attempts += 1
+        executor.update_parameters(name=f"elmforest-{job.name}")
+        active[executor.submit(run_one, fn, job.path, threads, job.attempts)] = job
+
+    for job in jobs:
+        submit(job)
+    try:
+        while active:
+            for sjob in [s for s in active if s.done()]:
+                job = active.pop(sjob)
+                try:
+                    result = sjob.result()
+                except Exception as e:  # FailedJobError, UncompletedJobError (killed, timed out)
+                    if retries.should_retry(job, _describe(e)):
+                        submit(job)
+                    continue
+                done(job, result)
+            if active:
+                time.sleep(0.5)
+    finally:
+        for sjob in active:
+            with contextlib.suppress(Exception):
+                sjob.cancel(check=False)

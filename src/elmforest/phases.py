@@ -1,0 +1,470 @@
+"""The BTM phases as plain functions taking paths.
+
+    seed   train the dense LM on all train domains with domain-balanced batches up to the seed
+           fraction of the budget, snapshot it as the seed, and (optionally) continue the same
+           run to the full budget: that continuation is the compute-matched dense baseline.
+    branch create an expert folder from the seed (weights plus, by default, its AdamW state and
+           schedule position) or from a weighted parameter average of existing experts.
+    train  train one expert on its own data; everything it needs is in its folder (`job.json`),
+           so it runs the same in-process, in a worker process, or as a Ray task.
+
+Compute matching (the paper's): with n experts, each expert's batch is 1/n of the dense batch
+and it runs the same number of steps as the dense continuation, so
+
+    dense tokens  = total_steps * B
+    forest tokens = seed_steps * B + n * (total_steps - seed_steps) * B / n   (the same)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elmforest import __version__, storage
+from elmforest.checkpoint import load_train_state
+from elmforest.config import Recipe
+from elmforest.corpus import Corpus, check_domain_name
+from elmforest.errors import ElmError
+from elmforest.evaluate import eval_windows
+from elmforest.forest import EXPERT_JSON, read_json
+from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, load_model, resolve_spec, save_model
+from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
+from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
+from elmforest.tokens import token_array
+from elmforest.training import TrainSpec, train
+
+JOB_JSON = "job.json"
+SEED_JSON = "seed.json"
+TRAIN_STATE = "train_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Steps and batch shapes derived from a recipe's budget and the model's context length."""
+
+    context: int
+    n_experts: int
+    batch_tokens: int  # dense tokens per optimizer step (B)
+    total_steps: int  # T // B
+    seed_steps: int  # round(seed_fraction * total_steps)
+    warmup_steps: int
+    dense_micro_batches: int  # forward passes per dense step
+    dense_blocks_per_domain: int  # windows per domain in one dense micro-batch
+    expert_micro_batches: int
+    expert_blocks: int  # windows in one expert micro-batch
+
+    @property
+    def expert_batch_tokens(self) -> int:
+        return self.batch_tokens // self.n_experts
+
+    def tokens(self, arm: str) -> int:
+        """Tokens each arm trains on in all (the seed's counted in the forest arms)."""
+        if arm == "seed":
+            return self.seed_steps * self.batch_tokens
+        return self.total_steps * self.batch_tokens  # dense, and seed + n experts at B/n
+
+
+def plan_budget(recipe: Recipe, context: int, source: str = "recipe") -> Budget:
+    """Check that the budget divides into whole steps, domains and windows; say which key when not."""
+    b, n = recipe.budget, len(recipe.train_domains)
+    if b.batch_tokens % (context * n):
+        raise ElmError(
+            f"budget.batch_tokens={b.batch_tokens} must be a multiple of context x train domains = {context} x {n}",
+            source,
+        )
+    total_steps = b.total_tokens // b.batch_tokens
+    if total_steps < 2:
+        raise ElmError(
+            f"budget.total_tokens={b.total_tokens} gives {total_steps} steps of {b.batch_tokens} tokens; need >= 2",
+            source,
+        )
+    seed_steps = round(b.seed_fraction * total_steps)
+    if seed_steps >= total_steps:
+        raise ElmError(f"budget.seed_fraction={b.seed_fraction} leaves no steps for the experts", source)
+    micro = recipe.optim.micro_batch_tokens or b.batch_tokens
+    if b.batch_tokens % micro or micro % (context * n):
+        raise ElmError(
+            f"optim.micro_batch_tokens={micro} must divide budget.batch_tokens={b.batch_tokens} "
+            f"and be a multiple of {context * n} (context x train domains)",
+            source,
+        )
+    expert_batch = b.batch_tokens // n
+    expert_micro = min(micro, expert_batch)
+    if expert_batch % expert_micro or expert_micro % context:
+        raise ElmError(
+            f"optim.micro_batch_tokens={micro}: an expert's batch of {expert_batch} tokens must split into "
+            f"micro-batches of whole {context}-token windows",
+            source,
+        )
+    warmup = min(round(recipe.optim.warmup_fraction * total_steps), total_steps - 1)
+    return Budget(
+        context=context,
+        n_experts=n,
+        batch_tokens=b.batch_tokens,
+        total_steps=total_steps,
+        seed_steps=seed_steps,
+        warmup_steps=warmup,
+        dense_micro_batches=b.batch_tokens // micro,
+        dense_blocks_per_domain=micro // (context * n),
+        expert_micro_batches=expert_batch // expert_micro,
+        expert_blocks=expert_micro // context,
+    )
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def train_spec(recipe: Recipe, budget: Budget, micro_batches: int, threads: int | None = None) -> TrainSpec:
+    """The TrainSpec every arm shares: one schedule over `total_steps` (warm-up, linear decay)."""
+    o = recipe.optim
+    return TrainSpec(
+        lr=o.lr,
+        betas=tuple(o.betas),
+        weight_decay=o.weight_decay,
+        warmup_steps=budget.warmup_steps,
+        total_steps=budget.total_steps,
+        final_lr_fraction=o.final_lr_fraction,
+        grad_clip=o.grad_clip,
+        micro_batches=micro_batches,
+        bf16=o.bf16,
+        compile=o.compile,
+        threads=threads if threads is not None else o.threads,
+        log_every=o.log_every,
+        checkpoint_every=o.checkpoint_every,
+        eval_every=o.eval_every,
+        seed=o.seed,
+        device=resolve_device(o.device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Path:
+    """RUN/tokenizer: a copy of `tokenizer.path`, or BPE trained on the train domains."""
+    out = Path(run_dir) / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    if recipe.tokenizer.path:
+        src = Path(recipe.tokenizer.path)
+        load_tokenizer(src)  # validates the folder, naming any missing file
+        with storage.atomic_dir(out) as tmp:
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+        return out
+    corpus = Corpus(recipe.corpus)
+    train_tokenizer(
+        corpus,
+        recipe.train_domains,
+        recipe.tokenizer.vocab_size,
+        out,
+        sample_bytes_per_domain=recipe.tokenizer.sample_bytes_per_domain,
+    )
+    return out
+
+
+def domain_arrays(corpus: Corpus, tokenizer_dir: Path, domains: list[str], split: str) -> dict[str, Any]:
+    return {d: token_array(corpus, tokenizer_dir, d, split) for d in domains}
+
+
+def valid_batches(arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int) -> list[torch.Tensor]:
+    """The same first `windows_per_domain` valid windows of each domain, in batches.
+
+    With equal windows per domain, the mean loss over them is the mean of per-domain losses,
+    so exp(valid_loss) is the geometric mean of the per-domain perplexities."""
+    rows = torch.cat([eval_windows(a, context, max_tokens=windows_per_domain * context + 1) for a in arrays.values()])
+    return list(rows.split(batch_size))
+
+
+def model_spec(recipe: Recipe, tokenizer_dir: Path):
+    return resolve_spec(recipe.model, vocab_size(load_tokenizer(tokenizer_dir)))
+
+
+def initial_model(recipe: Recipe, tokenizer_dir: Path):
+    """A fresh model of the recipe's architecture, or the recipe's `model.path` checkpoint."""
+    if recipe.model.path:
+        return load_model(recipe.model.path)
+    return build_model(model_spec(recipe, tokenizer_dir), seed=recipe.optim.seed)
+
+
+def model_context(recipe: Recipe, tokenizer_dir: Path) -> int:
+    if recipe.model.path:
+        cfg = read_json(Path(recipe.model.path) / "config.json", "model config")
+        return int(cfg.get("n_positions") or cfg.get("max_position_embeddings"))
+    return model_spec(recipe, tokenizer_dir).context
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed and dense
+
+
+def seed_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "seed"
+
+
+def dense_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "dense"
+
+
+def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the domain-balanced dense run to the seed step and snapshot RUN/seed; with `full`,
+    continue the same run (same batches, same schedule) to the whole budget: the dense baseline.
+
+    Resumable: a killed run continues from RUN/dense's last checkpoint; finished parts are skipped.
+    """
+    run_dir = Path(run_dir)
+    tok = prepare_tokenizer(recipe, run_dir)
+    corpus = Corpus(recipe.corpus)
+    corpus.require(recipe.train_domains, "recipe train_domains")
+    context = model_context(recipe, tok)
+    budget = plan_budget(recipe, context)
+    train_arrays = domain_arrays(corpus, tok, recipe.train_domains, "train")
+    valid = valid_batches(
+        domain_arrays(corpus, tok, recipe.train_domains, "valid"),
+        context,
+        recipe.eval.valid_windows_per_domain,
+        recipe.eval.batch_size,
+    )
+    sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+    spec = train_spec(recipe, budget, budget.dense_micro_batches)
+    dense = dense_dir(run_dir)
+    model = initial_model(recipe, tok)
+    save_model_files_once(dense, tok)
+    result = {}
+    if not (seed_dir(run_dir) / SEED_JSON).is_file():
+        result = train(model, sampler, spec, dense, stop_at_step=budget.seed_steps, valid_batches=valid, progress=progress)
+        snapshot_seed(run_dir, tok, result, recipe)
+    if full:
+        model = initial_model(recipe, tok)  # weights come from the checkpoint
+        sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+        result = train(model, sampler, spec, dense, valid_batches=valid, progress=progress)
+        storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
+    return result
+
+
+def save_model_files_once(folder: Path, tokenizer_dir: Path) -> None:
+    """Copy the tokenizer files into a model folder so it loads with AutoTokenizer too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        src = tokenizer_dir / name
+        if src.is_file() and not (folder / name).is_file():
+            with storage.atomic_path(folder / name) as tmp:
+                shutil.copyfile(src, tmp)
+
+
+def snapshot_seed(run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], recipe: Recipe) -> Path:
+    """Copy the dense run at the seed step into RUN/seed (weights, config, AdamW state, tokenizer)."""
+    dense, target = dense_dir(run_dir), seed_dir(run_dir)
+    if target.exists():
+        shutil.rmtree(target)  # a partial snapshot from a killed run: seed.json is written last
+    with storage.atomic_dir(target) as tmp:
+        for f in dense.iterdir():
+            if f.is_file() and not f.name.startswith(".") and f.name not in ("train.json", "dense.json"):
+                shutil.copy2(f, tmp / f.name)
+        config = read_json(dense / "config.json", "model config")
+        storage.write_json(
+            tmp / SEED_JSON,
+            {
+                "step": result["steps"],
+                "tokens": result["tokens"],
+                "flops": result["flops"],
+                "seed_fraction": recipe.budget.seed_fraction,
+                "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+                "arch_hash": arch_hash(_config_obj(config)),
+                "elmforest_version": __version__,
+            },
+        )
+    return target
+
+
+def _config_obj(config: dict[str, Any]):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Branch
+
+
+def expert_job(
+    recipe: Recipe,
+    run_dir: Path,
+    name: str,
+    data: dict[str, Any],
+    *,
+    parents: list[dict[str, Any]] | str = "seed",
+    init_state: str | None = None,
+    fresh_steps: int | None = None,
+) -> dict[str, Any]:
+    """Everything `train_expert` needs, as plain JSON.
+
+    data: {"kind": "domain", "domain": d} or {"kind": "random_split", "domains": [...], "part": i, "parts": n}.
+    fresh_steps: train this many steps on a schedule of their own (growing a forest); default:
+    continue the seed's schedule from the seed step to the end of the budget.
+    """
+    check_domain_name(name, "expert name")
+    run_dir = Path(run_dir).resolve()
+    tok = run_dir / "tokenizer"
+    context = model_context(recipe, tok)
+    budget = plan_budget(recipe, context)
+    spec = dataclasses.asdict(train_spec(recipe, budget, budget.expert_micro_batches))
+    start = budget.seed_steps
+    if fresh_steps is not None:
+        start = 0
+        spec.update(total_steps=fresh_steps, warmup_steps=min(budget.warmup_steps, max(fresh_steps - 1, 0)))
+    domain = data["domain"] if data["kind"] == "domain" else name
+    return {
+        "name": name,
+        "domain": domain,
+        "corpus": str(Path(recipe.corpus).resolve()),
+        "tokenizer": str(tok),
+        "data": data,
+        "context": context,
+        "batch_blocks": budget.expert_blocks,
+        "sampler_seed": recipe.optim.seed + 1 + _stable_index(name),
+        "spec": spec,
+        "start_step": start,
+        "init_state": init_state,
+        "parents": parents,
+        "seed_checkpoint": str(seed_dir(run_dir)),
+        "valid_windows": recipe.eval.valid_windows_per_domain,
+        "eval_batch_size": recipe.eval.batch_size,
+        "train_domains": list(recipe.train_domains),
+        "recipe": recipe.model_dump(mode="json"),
+    }
+
+
+def _stable_index(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8")) % 100_000
+
+
+def branch_expert(
+    expert_dir: Path,
+    job: dict[str, Any],
+    *,
+    from_seed: Path | None = None,
+    copy_optimizer: bool = True,
+    from_experts: list[tuple[Path, float]] | None = None,
+) -> Path:
+    """Create an expert folder ready to train: initial weights, tokenizer, `job.json`.
+
+    From the seed: its weights and (by default) its AdamW state and step, as in the reference
+    setup. From experts: the weighted parameter average of their weights, fresh AdamW state.
+    A finished branch (job.json present) is left as it is.
+    """
+    expert_dir = Path(expert_dir)
+    if (expert_dir / JOB_JSON).is_file():
+        return expert_dir
+    if (from_seed is None) == (from_experts is None):
+        raise ElmError("branch from the seed or from experts, not both or neither")
+    if expert_dir.exists():
+        shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
+    tok = Path(job["tokenizer"])
+    if from_seed is not None:
+        from_seed = Path(from_seed)
+        read_json(from_seed / SEED_JSON, "seed.json")
+        with storage.atomic_dir(expert_dir) as tmp:
+            for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
+                if (from_seed / name).is_file():
+                    shutil.copy2(from_seed / name, tmp / name)
+        if copy_optimizer and job["start_step"] > 0:
+            job = {**job, "init_state": str((from_seed / TRAIN_STATE).resolve())}
+        else:
+            job = _fresh_schedule(job)
+    else:
+        from elmforest.averaging import average_folders
+
+        dirs = [Path(d) for d, _ in from_experts]
+        weights = [float(w) for _, w in from_experts]
+        average_folders(dirs, weights, "weighted", expert_dir)
+        save_model_files_once(expert_dir, tok)
+        job = _fresh_schedule(job)
+    storage.write_json(expert_dir / JOB_JSON, job)
+    return expert_dir
+
+
+def _fresh_schedule(job: dict[str, Any]) -> dict[str, Any]:
+    """A fresh AdamW and a schedule of its own with the same number of steps (warm-up included)."""
+    spec = dict(job["spec"])
+    steps = spec["total_steps"] - job["start_step"]
+    spec.update(total_steps=steps, warmup_steps=min(spec["warmup_steps"], steps - 1))
+    return {**job, "spec": spec, "start_step": 0, "init_state": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
+    data = job["data"]
+    context, blocks, seed = job["context"], job["batch_blocks"], job["sampler_seed"]
+    if data["kind"] == "domain":
+        return DomainSampler(token_array(corpus, tok, data["domain"], "train"), context, blocks, seed, name=data["domain"])
+    if data["kind"] == "random_split":
+        arrays = domain_arrays(corpus, tok, data["domains"], "train")
+        return RandomSplitSampler(arrays, data["parts"], data["part"], context, blocks, seed, partition_seed=data.get("partition_seed", 0))
+    raise ElmError(f"unknown data kind {data['kind']!r}", JOB_JSON)
+
+
+def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
+    resumable (a killed run continues from the folder's last checkpoint)."""
+    expert_dir = Path(expert_dir)
+    done = expert_dir / EXPERT_JSON
+    if done.is_file():
+        return read_json(done, "expert.json")
+    job = read_json(expert_dir / JOB_JSON, "job.json")
+    corpus = Corpus(job["corpus"])
+    tok = Path(job["tokenizer"])
+    sampler = _expert_sampler(job, corpus, tok)
+    valid_domains = [job["data"]["domain"]] if job["data"]["kind"] == "domain" else job["train_domains"]
+    valid = valid_batches(
+        domain_arrays(corpus, tok, valid_domains, "valid"), job["context"], job["valid_windows"], job["eval_batch_size"]
+    )
+    spec_dict = dict(job["spec"])
+    spec_dict["betas"] = tuple(spec_dict["betas"])
+    if threads is not None:
+        spec_dict["threads"] = threads
+    spec = TrainSpec(**spec_dict)
+    model = load_model(expert_dir)
+    init = None
+    if job.get("init_state") and not (expert_dir / TRAIN_STATE).is_file():
+        state = load_train_state(job["init_state"])  # the seed's AdamW moments and step
+        init = {"optimizer": state["optimizer"], "step": state["step"]}
+    result = train(model, sampler, spec, expert_dir, valid_batches=valid, progress=progress, init_optimizer_state=init)
+    meta = {
+        "name": job["name"],
+        "domain": job["domain"],
+        "kind": job["data"]["kind"],
+        "parents": job["parents"],
+        "seed_checkpoint": job["seed_checkpoint"],
+        "tokens": result["tokens"],
+        "flops": result["flops"],
+        "steps": result["steps"] - result["start_step"],
+        "schedule": {"start_step": result["start_step"], "total_steps": spec.total_steps},
+        "final_loss": result["final_loss"],
+        "final_valid_loss": result["final_valid_loss"],
+        "seconds": result["seconds"],
+        "tokenizer_hash": tokenizer_hash(tok),
+        "arch_hash": arch_hash(model.config),
+        "elmforest_version": __version__,
+        "recipe": job["recipe"],
+    }
+    storage.write_json(done, meta)
+    return meta

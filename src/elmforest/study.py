@@ -1,0 +1,264 @@
+"""`elmforest run`: the whole compute-matched comparison from one recipe, resumably.
+
+Stages (each skipped when already complete, each resumable when interrupted):
+
+    1. tokenizer and token caches      RUN/tokenizer, CORPUS/.cache/tokens
+    2. seed                            RUN/dense to the seed step, snapshot RUN/seed
+    3. dense baseline                  RUN/dense continued to the full budget
+    4. BTM forest                      RUN/experts/<domain> -> RUN/forest
+    5. random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
+    6. evaluation                      RUN/eval/<domain>.json
+    7. report                          RUN/results.json, RUN/report.md, RUN/plots/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elmforest import phases, storage
+from elmforest.config import Recipe
+from elmforest.corpus import Corpus
+from elmforest.errors import ElmError
+from elmforest.forest import Forest, read_expert, read_json
+from elmforest.report import results_table, write_report
+from elmforest.tokenizer import tokenizer_hash
+from elmforest.tokens import token_array
+from elmforest.training import read_metrics
+
+RECIPE_FILE = "recipe.yaml"
+# Recipe sections that may change between runs of one folder without invalidating its models.
+VOLATILE_KEYS = ("launcher", "out")
+
+
+def _fingerprint(recipe: Recipe) -> dict[str, Any]:
+    data = recipe.model_dump(mode="json")
+    for key in VOLATILE_KEYS:
+        data.pop(key, None)
+    return data
+
+
+def claim_run_dir(recipe: Recipe, out: Path) -> None:
+    """Record the resolved recipe in RUN/recipe.yaml; refuse a folder holding another recipe's run."""
+    path = out / RECIPE_FILE
+    if path.is_file():
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for key in VOLATILE_KEYS:
+            old.pop(key, None)
+        new = _fingerprint(recipe)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ElmError(
+                f"this folder holds a run of a different recipe ({', '.join(changed)} differ); use another --out",
+                out,
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    storage.write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def _train_forest(
+    recipe: Recipe,
+    out: Path,
+    arm: str,
+    jobs: list[tuple[str, dict[str, Any]]],
+    log: Callable[[str], None],
+) -> Forest:
+    """Branch every expert from the seed, train them with the recipe's launcher, merge them."""
+    from elmforest.launchers import run_jobs
+
+    experts_dir = out / ("experts" if arm == "btm" else "random_experts")
+    forest_dir = out / ("forest" if arm == "btm" else "random_forest")
+    paths = []
+    for name, data in jobs:
+        job = phases.expert_job(recipe, out, name, data)
+        paths.append(str(phases.branch_expert(experts_dir / name, job, from_seed=phases.seed_dir(out))))
+    pending = [p for p in paths if not (Path(p) / "expert.json").is_file()]
+    if pending:
+        log(f"{arm}: training {len(pending)} experts ({recipe.launcher.kind} launcher)")
+        run_jobs(pending, phases.train_expert, recipe.launcher, names=[Path(p).name for p in pending], log=log)
+    meta = read_expert(paths[0])
+    forest = Forest.create(forest_dir, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
+    for p in paths:
+        if Path(p).name not in forest.names:
+            forest.merge(p)
+    return forest
+
+
+def _geo_mean(ppls: list[float]) -> float | None:
+    return math.exp(sum(math.log(p) for p in ppls) / len(ppls)) if ppls else None
+
+
+def _curves(out: Path, forest_dirs: list[Path]) -> dict[str, list[tuple[float, float]]]:
+    """Valid perplexity against cumulative training FLOPs for dense and for the BTM forest.
+
+    BTM's point at step s: the seed's FLOPs plus every expert's FLOPs up to s, and the geometric
+    mean over domains of each expert's valid perplexity on its own domain (oracle routing)."""
+    dense = [r for r in read_metrics(out / "dense" / "metrics.jsonl") if "valid_loss" in r]
+    curves: dict[str, list[tuple[float, float]]] = {"dense": [(r["flops"], math.exp(r["valid_loss"])) for r in dense]}
+    seed = read_json(out / "seed" / "seed.json", "seed.json")
+    per_expert = []
+    for d in forest_dirs:
+        rows = {r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "valid_loss" in r}
+        per_expert.append(rows)
+    if per_expert:
+        steps = sorted(set.intersection(*(set(r) for r in per_expert)))
+        btm = []
+        for s in steps:
+            flops = seed["flops"] + sum(rows[s]["flops"] for rows in per_expert)
+            loss = sum(rows[s]["valid_loss"] for rows in per_expert) / len(per_expert)
+            btm.append((flops, math.exp(loss)))
+        seed_points = [p for p in curves["dense"] if p[0] <= seed["flops"] * 1.0001]
+        curves["btm (each expert on its own domain)"] = seed_points + btm
+    return curves
+
+
+def assemble_results(
+    recipe: Recipe, out: Path, scores: dict[str, dict[str, Any]], budget: phases.Budget, timing: dict[str, float]
+) -> dict[str, Any]:
+    """results.json: method -> per-domain perplexities, means, training FLOPs, inference params."""
+    from elmforest.models import load_model
+    from elmforest.results import param_count
+
+    seed = read_json(out / "seed" / "seed.json", "seed.json")
+    params = param_count(load_model(out / "seed"))
+    forests = {arm: Forest(out / folder) for arm, folder in (("btm", "forest"), ("random", "random_forest"))
+               if (out / folder / "forest.json").is_file()}
+    forest_flops = {arm: seed["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names) for arm, f in forests.items()}
+    arms = {"seed": {"tokens": seed["tokens"], "flops": seed["flops"]}}
+    if recipe.arms.dense:
+        dense = read_json(out / "dense" / "dense.json", "dense.json")
+        arms["dense"] = {"tokens": dense["tokens"], "flops": dense["flops"]}
+    for arm, f in forests.items():
+        arms[arm] = {
+            "tokens": seed["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
+            "flops": forest_flops[arm],
+        }
+    n = len(recipe.train_domains)
+    row_cost = {
+        "seed": ("seed", params),
+        "dense": ("dense", params),
+        "btm_ensemble_uniform": ("btm", n * params),
+        "btm_ensemble_cached": ("btm", n * params),
+        f"btm_ensemble_cached_{'full_prefix' if recipe.eval.posterior == 'one_step' else 'one_step'}": ("btm", n * params),
+        "btm_ensemble_cached_top1": ("btm", params),
+        "btm_ensemble_cached_top2": ("btm", 2 * params),
+        "btm_average_uniform": ("btm", params),
+        "btm_average_posterior": ("btm", params),
+        "random_ensemble_cached": ("random", n * params),
+    }
+    results: dict[str, Any] = {}
+    methods = [m for m in row_cost if all(m in s["nll"] for s in scores.values())]
+    for m in methods:
+        arm, inf_params = row_cost[m]
+        train = {d: math.exp(scores[d]["nll"][m]) for d in recipe.train_domains}
+        novel = {d: math.exp(scores[d]["nll"][m]) for d in recipe.novel_domains}
+        results[m] = {
+            "train": train,
+            "novel": novel,
+            "train_mean": _geo_mean(list(train.values())),
+            "novel_mean": _geo_mean(list(novel.values())),
+            "train_flops": arms[arm]["flops"],
+            "inference_params": inf_params,
+        }
+    unigram_train = [math.exp(scores[d]["nll"]["unigram"]) for d in recipe.train_domains]
+    unigram_novel = [math.exp(scores[d]["nll"]["unigram"]) for d in recipe.novel_domains]
+    results["unigram"] = {
+        "train": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.train_domains},
+        "novel": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.novel_domains},
+        "train_mean": _geo_mean(unigram_train),
+        "novel_mean": _geo_mean(unigram_novel),
+    }
+    results["priors"] = {
+        arm: {d: scores[d]["priors"][arm]["experts"] for d in scores}
+        for arm in forests
+    }
+    results["budget"] = {
+        "total_tokens": recipe.budget.total_tokens,
+        "batch_tokens": budget.batch_tokens,
+        "expert_batch_tokens": budget.expert_batch_tokens,
+        "total_steps": budget.total_steps,
+        "seed_steps": budget.seed_steps,
+        "context": budget.context,
+        "arms": arms,
+        "eval_tokens_per_domain": {d: scores[d]["tokens"] for d in scores},
+        "prior_windows_per_domain": {d: scores[d]["valid_windows"] for d in scores},
+    }
+    if "btm" in forests:
+        results["curves"] = _curves(out, [out / "experts" / name for name in forests["btm"].names])
+    results["timing"] = timing
+    results["recipe"] = recipe.model_dump(mode="json")
+    return results
+
+
+def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or continue) the whole study in `out`; returns results.json's contents."""
+    out = Path(out)
+    corpus = Corpus(recipe.corpus)
+    corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
+    claim_run_dir(recipe, out)
+    timing: dict[str, float] = {}
+    previous = read_json(out / "timing.json", "timing.json") if (out / "timing.json").is_file() else {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        value = fn()
+        took = time.perf_counter() - t0
+        timing[name] = round(previous.get(name, 0.0) + took, 1) if took > 1 else previous.get(name, round(took, 1))
+        storage.write_json(out / "timing.json", {**previous, **timing})
+        return value
+
+    log(f"[1/7] tokenizer and token caches -> {out / 'tokenizer'}")
+    tok = stage("tokenizer", lambda: phases.prepare_tokenizer(recipe, out))
+
+    def caches() -> None:
+        for d in [*recipe.train_domains, *recipe.novel_domains]:
+            for split in ("train", "valid", "test"):
+                token_array(corpus, tok, d, split)
+
+    stage("token_caches", caches)
+    context = phases.model_context(recipe, tok)
+    budget = phases.plan_budget(recipe, context)
+    log(
+        f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
+        f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
+    )
+    log("[2/7] seed (dense, domain-balanced)")
+    stage("seed", lambda: phases.train_seed(recipe, out, full=False, progress=progress))
+    if recipe.arms.dense:
+        log("[3/7] dense baseline (the seed run continued to the full budget)")
+        stage("dense", lambda: phases.train_seed(recipe, out, full=True, progress=progress))
+    log("[4/7] BTM forest: one expert per train domain")
+    domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
+    stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
+    if recipe.arms.random_split:
+        log("[5/7] random-split forest")
+        n = len(recipe.train_domains)
+        random_jobs = [
+            (f"random{i}", {"kind": "random_split", "domains": list(recipe.train_domains), "part": i, "parts": n})
+            for i in range(n)
+        ]
+        stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
+    log("[6/7] evaluation")
+    from elmforest.results import evaluate_study
+
+    scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, log))
+    log("[7/7] report")
+    results = assemble_results(recipe, out, scores, budget, {**previous, **timing})
+    storage.write_json(out / "results.json", results)
+    write_report(out, results, title=f"elmforest study: {out.name}")
+    log(results_table(results, markdown=False))
+    log(f"report: {out / 'report.md'}")
+    return results
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
+
+
+__all__ = ["run_study", "claim_run_dir", "assemble_results", "tokenizer_hash"]
