@@ -202,6 +202,10 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
     claim_run_dir(recipe, out)
+    if recipe.rounds:  # incremental growth: a study of its own (see elmforest.grow)
+        from elmforest.grow import run_rounds
+
+        return run_rounds(recipe, out, progress=progress, log=log)
     timing: dict[str, float] = {}
     previous = read_json(out / "timing.json", "timing.json") if (out / "timing.json").is_file() else {}
 
