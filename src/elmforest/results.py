@@ -132,7 +132,7 @@ class Scorer:
                 nll["btm_ensemble_uniform"] = mixture_nll(lp, uniform, "uniform")
                 nll[f"btm_ensemble_cached_{other}"] = mixture_nll(lp, prior_other, other)
                 for k in (1, 2):
-                    if k < n:
+                    if k <= n:  # top-n is the full cached ensemble
                         nll[f"btm_ensemble_cached_top{k}"] = mixture_nll(lp, top_k_prior(prior, k), e.posterior)
                 nll["btm_average_uniform"] = nll_of(batched_logprobs([self.uniform_average], test, e.batch_size)[0])
                 posterior_avg = self._averaged(models, prior.tolist())

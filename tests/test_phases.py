@@ -1,0 +1,118 @@
+"""The BTM phases one command at a time: seed, branch, train, merge, remove, ls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elmforest.cli import main
+from elmforest.forest import Forest
+from tinydata import make_corpus, tiny_recipe, write_recipe
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _exit_code(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return e.value.code, err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phases")
+    corpus = make_corpus(root / "corpus")
+    out = root / "run"
+    recipe = write_recipe(root / "recipe.yaml", tiny_recipe(corpus, out))
+    main(["seed", str(recipe)])
+    for d in ("animals", "code"):
+        main(["branch", str(recipe), "--domain", d])
+        main(["train", str(out / "experts" / d)])
+    return recipe, out
+
+
+def test_seed_snapshot_and_dense_continuation(run):
+    recipe, out = run
+    seed = json.loads((out / "seed" / "seed.json").read_text())
+    assert seed["step"] == 32  # half of 16384 / 256 = 64 steps
+    assert (out / "seed" / "train_state.pt").is_file()
+    main(["seed", str(recipe), "--full"])
+    dense = json.loads((out / "dense" / "dense.json").read_text())
+    assert dense["steps"] == 64 and dense["tokens"] == 16384
+    # the seed snapshot is untouched by the continuation
+    assert json.loads((out / "seed" / "seed.json").read_text()) == seed
+
+
+def test_branch_from_seed_copies_weights_exactly(run, tmp_path):
+    recipe, out = run
+    main(["branch", str(recipe), "--domain", "numbers", "--name", "fresh", "--out", str(out)])
+    a, b = _weights(out / "seed"), _weights(out / "experts" / "fresh")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    job = json.loads((out / "experts" / "fresh" / "job.json").read_text())
+    assert job["init_state"].endswith("train_state.pt") and job["start_step"] == 32
+    shutil.rmtree(out / "experts" / "fresh")
+
+
+def test_branch_from_experts_is_the_weighted_mean(run):
+    recipe, out = run
+    main(["branch", str(recipe), "--domain", "numbers", "--name", "one", "--from", "animals=1.0"])
+    a, one = _weights(out / "experts" / "animals"), _weights(out / "experts" / "one")
+    assert all(torch.equal(a[k], one[k]) for k in a)
+    main(["branch", str(recipe), "--domain", "numbers", "--name", "mix", "--from", "animals=0.7,code=0.3"])
+    c, mix = _weights(out / "experts" / "code"), _weights(out / "experts" / "mix")
+    for k in a:
+        expected = (0.7 * a[k].float() + 0.3 * c[k].float()).to(a[k].dtype)
+        assert torch.allclose(mix[k], expected, atol=1e-7), k
+    job = json.loads((out / "experts" / "mix" / "job.json").read_text())
+    assert job["init_state"] is None and job["start_step"] == 0  # fresh AdamW, own schedule
+    for name in ("one", "mix"):
+        shutil.rmtree(out / "experts" / name)
+
+
+def test_expert_trains_with_a_fraction_of_the_batch(run):
+    _, out = run
+    meta = json.loads((out / "experts" / "animals" / "expert.json").read_text())
+    # 2 experts: each gets 128 of the dense 256 tokens per step for the remaining 32 steps
+    assert meta["steps"] == 32 and meta["tokens"] == 32 * 128
+    assert meta["schedule"] == {"start_step": 32, "total_steps": 64}
+    assert meta["domain"] == "animals" and meta["parents"] == "seed"
+
+
+def test_merge_remove_ls(run, tmp_path, capsys):
+    _, out = run
+    forest = tmp_path / "forest"
+    main(["merge", str(forest), str(out / "experts" / "animals")])
+    main(["merge", str(forest), str(out / "experts" / "code")])
+    assert Forest(forest).names == ["animals", "code"]
+    main(["ls", str(forest)])
+    assert "animals" in capsys.readouterr().out
+    code, err = _exit_code(["merge", str(forest), str(out / "experts" / "code")], capsys)
+    assert code == 2 and "already has an expert" in err[0]
+    main(["remove", str(forest), "code"])
+    f = Forest(forest)
+    assert f.names == ["animals"] and not (forest / "code").exists()
+
+
+def test_merge_refuses_mismatched_tokenizer_or_architecture(run, tmp_path, capsys):
+    _, out = run
+    forest = tmp_path / "forest"
+    main(["merge", str(forest), str(out / "experts" / "animals")])
+    for field in ("tokenizer_hash", "arch_hash"):
+        odd = tmp_path / f"odd-{field}"
+        shutil.copytree(out / "experts" / "code", odd)
+        meta = json.loads((odd / "expert.json").read_text())
+        meta[field] = "0" * 16
+        meta["name"] = "odd"
+        (odd / "expert.json").write_text(json.dumps(meta))
+        before = (forest / "forest.json").read_bytes()
+        code, err = _exit_code(["merge", str(forest), str(odd)], capsys)
+        assert code == 2 and len(err) == 1 and "expert.json" in err[0]
+        assert ("tokenizer" if field == "tokenizer_hash" else "architecture") in err[0]
+        assert (forest / "forest.json").read_bytes() == before
