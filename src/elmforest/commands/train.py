@@ -35,8 +35,7 @@ def seed(
     full: bool = typer.Option(False, "--full", help="Continue the same run to the whole budget (the dense baseline)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
 ) -> None:
-    """Train the dense LM on all train domains with domain-balanced batches up to the seed
-    fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
+    """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
     from elmforest.phases import train_seed
     from elmforest.study import claim_run_dir
 
@@ -58,8 +57,7 @@ def branch(
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: the recipe's `out`)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
 ) -> None:
-    """Create an expert folder RUN/experts/NAME initialised from the seed (weights, AdamW state,
-    schedule position) or from a weighted parameter average of existing experts."""
+    """Create an expert folder RUN/experts/NAME initialised from the seed (weights, AdamW state, schedule position) or from a weighted parameter average of existing experts."""
     from elmforest.corpus import Corpus
     from elmforest.phases import branch_expert, expert_job, seed_dir
 
@@ -80,8 +78,7 @@ def train(
     expert: Path = typer.Argument(..., help="Expert folder made by `elmforest branch`."),
     threads: int = typer.Option(None, "--threads", help="torch threads (default: the recipe's optim.threads)."),
 ) -> None:
-    """Train one expert on its own domain to its token budget (resumes if interrupted) and
-    write expert.json."""
+    """Train one expert on its own domain to its token budget (resumes if interrupted) and write expert.json."""
     from elmforest.phases import train_expert
 
     meta = train_expert(str(expert), threads=threads, progress=True)
