@@ -12,6 +12,11 @@ Arithmetic of one step (nanoGPT's vocabulary):
 The schedule is defined over `total_steps`; a run may stop early at `stop_at_step` (the seed
 checkpoint at a fraction of the budget) and later continue from that checkpoint to `total_steps`,
 bit-identically to a run that never stopped.
+
+Routing (DEMix): `train(..., route=fn)` asks the sampler for `next_batch_with_domains()` ->
+(tokens [B, block+1], domain ids [B]) and calls `fn(domain_ids)` before each forward, so a model
+whose layers depend on the row's domain (`demix.set_domains`) trains in this same loop. The ids
+are a pure function of the batch index, like the tokens, so resumption stays bit-identical.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,6 +123,13 @@ class Sampler(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # With `train(route=...)` only: the batch and each row's domain id, (LongTensor [B, block+1], LongTensor [B]).
+    # def next_batch_with_domains(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# Called with each batch's per-row domain ids [B] before its forward pass (see the module docstring).
+Route = Callable[[torch.Tensor], None]
+
 
 def lr_at(step: int, spec: TrainSpec) -> float:
     """Learning rate of update number `step` (0-based).
@@ -154,14 +166,22 @@ def _apply_spec_to_optimizer(optimizer: torch.optim.Optimizer, spec: TrainSpec) 
         group["weight_decay"] = wd
 
 
-def mean_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, bf16: bool = False) -> float:
-    """Mean next-token cross-entropy (nats) over `batches` ([B, block+1] each), without gradients."""
+def mean_loss(
+    model: torch.nn.Module, batches: Sequence[Any], *, bf16: bool = False, route: Route | None = None
+) -> float:
+    """Mean next-token cross-entropy (nats) over `batches` ([B, block+1] each), without gradients.
+
+    With `route`, each batch is a pair (tokens [B, block+1], domain ids [B]) and `route(ids)` runs
+    before its forward pass."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = 0.0
     with torch.no_grad():
         for batch in batches:
+            if route is not None:
+                batch, domains = batch
+                route(domains)
             batch = batch.to(device)
             x, y = batch[:, :-1], batch[:, 1:]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -254,6 +274,7 @@ def train(
     valid_batches: Sequence[torch.Tensor] | None = None,
     progress: bool = True,
     init_optimizer_state: dict[str, Any] | None = None,
+    route: Route | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `sampler`'s batches up to step `stop_at_step` (default `spec.total_steps`).
 
@@ -263,6 +284,8 @@ def train(
     `init_optimizer_state` (a fresh run only): a dict with "optimizer" and "step", e.g. the seed's
     `load_train_state(...)`; a branched expert then continues the seed's AdamW moments and
     schedule, as in the reference setup. Tokens and FLOPs count what this run folder trained.
+    `route` (DEMix): the sampler must have `next_batch_with_domains()`; `route(domain_ids)` runs
+    before every forward pass, and `valid_batches` are then (tokens, domain ids) pairs.
 
     Returns {steps, start_step, tokens, flops, final_loss, final_valid_loss, seconds}.
     """
@@ -304,6 +327,7 @@ def train(
         step, start_step = int(state["step"]), int(state["start_step"])
         tokens, flops, seconds = int(state["tokens"]), int(state["flops"]), float(state["seconds"])
         last_loss, valid_loss, valid_step = state["last_loss"], state["valid_loss"], state["valid_step"]
+        print(f"resuming {out_dir} from the checkpoint at step {step}", flush=True)
     else:
         state = None
         torch.manual_seed(spec.seed)
@@ -327,7 +351,7 @@ def train(
     )
 
     def evaluate() -> float:
-        return mean_loss(model, valid_batches or [], bf16=spec.bf16)
+        return mean_loss(model, valid_batches or [], bf16=spec.bf16, route=route)
 
     def checkpoint() -> None:
         # train_state.pt carries the weights too, so it alone is a consistent resume point even if
@@ -366,7 +390,12 @@ def train(
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(spec.micro_batches):
-                batch = sampler.next_batch().to(device)  # [B, block+1]
+                if route is None:
+                    batch = sampler.next_batch().to(device)  # [B, block+1]
+                else:  # the model is told each row's domain before the forward (DEMix)
+                    batch, domains = sampler.next_batch_with_domains()
+                    route(domains)
+                    batch = batch.to(device)
                 x, y = batch[:, :-1], batch[:, 1:]  # inputs and next-token targets, [B, block] each
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
                     logits = forward(input_ids=x, use_cache=False).logits  # [B, block, vocab]
