@@ -4,6 +4,10 @@ Each expert's per-token log-probs on a domain's windows are computed once ([n, N
 ensemble variant (uniform, cached prior, top-k, either posterior) is a re-weighting of those
 numbers, so the variants differ only in their weights, never in the tokens they score.
 Results per domain are cached in RUN/eval/<domain>.json, so an interrupted evaluation resumes.
+
+The mixtures inside one model (`elmforest.mixtures`) are scored on the same windows: DEMix
+(`demix_cached`) with its own cached prior over domains, estimated on the same valid windows
+with the same settings as the forests' priors, and BTX (`btx`) as one model.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from elmforest import storage
+from elmforest import mixtures, storage
 from elmforest.averaging import average_state_dicts
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
+from elmforest.demix import demix_cached_prior, demix_logprobs, load_demix
 from elmforest.ensemble import cached_prior, expert_logprobs, mix_logprobs, posterior_log_weights, top_k_prior
 from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
@@ -88,6 +93,11 @@ class Scorer:
             if (self.run_dir / folder / "forest.json").is_file():
                 f = Forest(self.run_dir / folder)
                 self.forests[arm] = (f.names, [load_model(f.expert_dir(n)).eval() for n in f.names])
+        self.demix: tuple[torch.nn.Module, list[str]] | None = None
+        if recipe.arms.demix and (mixtures.demix_dir(self.run_dir) / mixtures.DEMIX_RUN_JSON).is_file():
+            self.demix = load_demix(mixtures.demix_dir(self.run_dir))
+        if recipe.arms.btx and (mixtures.btx_dir(self.run_dir) / mixtures.MIX_JSON).is_file():
+            self.singles["btx"] = load_model(mixtures.btx_dir(self.run_dir)).eval()  # a Mixtral folder
         self.uniform_average = None
         if "btm" in self.forests:
             models = self.forests["btm"][1]
@@ -137,6 +147,14 @@ class Scorer:
                 nll["btm_average_uniform"] = nll_of(batched_logprobs([self.uniform_average], test, e.batch_size)[0])
                 posterior_avg = self._averaged(models, prior.tolist())
                 nll["btm_average_posterior"] = nll_of(batched_logprobs([posterior_avg], test, e.batch_size)[0])
+            if self.demix is not None:
+                model, domains = self.demix
+                prior = demix_cached_prior(model, valid, e.prior_batch, e.prior_alpha, e.posterior)
+                out["priors"]["demix"] = {"experts": dict(zip(domains, prior.tolist())),
+                                          "batches": math.ceil(len(valid) / e.prior_batch), "posterior": e.posterior}
+                lp = torch.cat([demix_logprobs(model, test[i : i + e.batch_size], prior, e.posterior)
+                                for i in range(0, len(test), e.batch_size)])  # [N, T]
+                nll["demix_cached"] = nll_of(lp)
         nll["unigram"] = unigram_nll(self.train_arrays, self.vocab, test)
         return out
 

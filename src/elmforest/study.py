@@ -7,8 +7,10 @@ Stages (each skipped when already complete, each resumable when interrupted):
     3. dense baseline                  RUN/dense continued to the full budget
     4. BTM forest                      RUN/experts/<domain> -> RUN/forest
     5. random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
-    6. evaluation                      RUN/eval/<domain>.json
-    7. report                          RUN/results.json, RUN/report.md, RUN/plots/
+    6. DEMix (arms.demix)              RUN/demix (see elmforest.mixtures)
+    7. BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers fine-tuned
+    8. evaluation                      RUN/eval/<domain>.json
+    9. report                          RUN/results.json, RUN/report.md, RUN/plots/
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from elmforest import phases, storage
+from elmforest import mixtures, phases, storage
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
@@ -139,6 +141,30 @@ def assemble_results(
             "tokens": seed["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
             "flops": forest_flops[arm],
         }
+    notes = []
+    demix_run = mixtures.demix_dir(out) / mixtures.DEMIX_RUN_JSON
+    demix_params = None
+    if recipe.arms.demix and demix_run.is_file():
+        d = read_json(demix_run, mixtures.DEMIX_RUN_JSON)
+        arms["demix"] = {"tokens": d["seed_tokens"] + d["tokens"], "flops": d["seed_flops"] + d["flops"]}
+        demix_params = d["params"]
+        notes.append(
+            "DEMix (`demix_cached`) counts its shared weights plus all n domain MLPs as parameters at inference: "
+            "the cached-prior mixture runs every domain's MLPs, after n single-domain passes for the posterior."
+        )
+    mix_json = mixtures.btx_dir(out) / mixtures.MIX_JSON
+    btx_params = None
+    if recipe.arms.btx and mix_json.is_file() and "btm" in arms:
+        m = read_json(mix_json, mixtures.MIX_JSON)
+        ft = m["finetune"]
+        arms["btx"] = {"tokens": arms["btm"]["tokens"] + ft["tokens"], "flops": arms["btm"]["flops"] + ft["flops"]}
+        btx_params = m["params"]
+        notes.append(
+            f"BTX (`btx`) is not compute-matched: its training FLOPs are the BTM forest's ({arms['btm']['flops']:.3e}) "
+            f"plus {ft['flops']:.3e} for fine-tuning on {ft['tokens']:,} tokens (arms.btx_tokens; each token runs "
+            f"the top-{m['top_k']} MoE forward and backward). Its parameters at inference count every expert MLP "
+            f"and router; {m['top_k']} of {len(m['experts'])} MLPs run per token."
+        )
     n = len(recipe.train_domains)
     row_cost = {
         "seed": ("seed", params),
@@ -151,6 +177,8 @@ def assemble_results(
         "btm_average_uniform": ("btm", params),
         "btm_average_posterior": ("btm", params),
         "random_ensemble_cached": ("random", n * params),
+        "demix_cached": ("demix", demix_params),
+        "btx": ("btx", btx_params),
     }
     results: dict[str, Any] = {}
     methods = [m for m in row_cost if all(m in s["nll"] for s in scores.values())]
@@ -176,7 +204,8 @@ def assemble_results(
     }
     results["priors"] = {
         arm: {d: scores[d]["priors"][arm]["experts"] for d in scores}
-        for arm in forests
+        for arm in [*forests, *(["demix"] if "demix" in arms else [])]
+        if all(arm in scores[d]["priors"] for d in scores)
     }
     results["budget"] = {
         "total_tokens": recipe.budget.total_tokens,
@@ -191,6 +220,8 @@ def assemble_results(
     }
     if "btm" in forests:
         results["curves"] = _curves(out, [out / "experts" / name for name in forests["btm"].names])
+    if notes:
+        results["notes"] = notes
     results["timing"] = timing
     results["recipe"] = recipe.model_dump(mode="json")
     return results
@@ -201,6 +232,7 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     out = Path(out)
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
+    mixtures.check_arms(recipe)
     claim_run_dir(recipe, out)
     if recipe.rounds:  # incremental growth: a study of its own (see elmforest.grow)
         from elmforest.grow import run_rounds
@@ -217,7 +249,7 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
         storage.write_json(out / "timing.json", {**previous, **timing})
         return value
 
-    log(f"[1/7] tokenizer and token caches -> {out / 'tokenizer'}")
+    log(f"[1/9] tokenizer and token caches -> {out / 'tokenizer'}")
     tok = stage("tokenizer", lambda: phases.prepare_tokenizer(recipe, out))
 
     def caches() -> None:
@@ -232,27 +264,33 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
         f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
         f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
     )
-    log("[2/7] seed (dense, domain-balanced)")
+    log("[2/9] seed (dense, domain-balanced)")
     stage("seed", lambda: phases.train_seed(recipe, out, full=False, progress=progress))
     if recipe.arms.dense:
-        log("[3/7] dense baseline (the seed run continued to the full budget)")
+        log("[3/9] dense baseline (the seed run continued to the full budget)")
         stage("dense", lambda: phases.train_seed(recipe, out, full=True, progress=progress))
-    log("[4/7] BTM forest: one expert per train domain")
+    log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
     if recipe.arms.random_split:
-        log("[5/7] random-split forest")
+        log("[5/9] random-split forest")
         n = len(recipe.train_domains)
         random_jobs = [
             (f"random{i}", {"kind": "random_split", "domains": list(recipe.train_domains), "part": i, "parts": n})
             for i in range(n)
         ]
         stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
-    log("[6/7] evaluation")
+    if recipe.arms.demix:
+        log("[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched")
+        stage("demix", lambda: mixtures.train_demix(recipe, out, progress=progress))
+    if recipe.arms.btx:
+        log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, routers fine-tuned on {recipe.arms.btx_tokens:,} tokens")
+        stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))
+    log("[8/9] evaluation")
     from elmforest.results import evaluate_study
 
     scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, log))
-    log("[7/7] report")
+    log("[9/9] report")
     results = assemble_results(recipe, out, scores, budget, {**previous, **timing})
     storage.write_json(out / "results.json", results)
     write_report(out, results, title=f"elmforest study: {out.name}")

@@ -1,0 +1,377 @@
+"""Mixtures inside one model, as phases of a study: DEMix training and the BTX build.
+
+Plain functions taking paths, like `elmforest.phases`:
+
+    train_demix   RUN/seed -> RUN/demix: the seed's model with every MLP split into one copy per
+                  train domain (`demix.to_demix`), trained like the dense continuation.
+    build_moe     a forest's llama experts -> one Mixtral MoE (`btx.mix_experts`), its routers
+                  fine-tuned on domain-balanced data (`btx.finetune_router`), in memory.
+    mix_forest    build_moe, then write the folder (`btx.save_moe`) and its `mix.json`.
+    build_btx     the study's BTX arm: mix_forest on RUN/forest into RUN/btx.
+
+Compute matching of DEMix against the dense baseline: it continues from the seed step with the
+same balanced batches (B tokens per step, the same sampler state, so the very same windows) and
+the same schedule to `total_steps`. Each row goes through its own domain's MLP only, so every
+token costs exactly one MLP, as in the dense model:
+
+    DEMix FLOPs = seed FLOPs + (total_steps - seed_steps) * B * flops_per_token(dense config)
+                = dense FLOPs
+
+The seed's AdamW state carries over: shared parameters keep their moments, and every domain copy
+of an MLP starts with a copy of the seed MLP's moments (and step count), the DEMix analogue of a
+BTM expert branched with the seed's optimizer state. (The loss is the mean over all B rows, so
+a domain copy's gradient comes from its B/n rows only, about 1/n of the dense MLP's; Adam divides
+by the carried-over second moment, which decays to the new scale within ~1/(1 - beta2) steps.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from elmforest import __version__, btx, demix, phases, storage
+from elmforest.checkpoint import load_train_state
+from elmforest.config import Recipe
+from elmforest.corpus import Corpus
+from elmforest.errors import ElmError, require
+from elmforest.evaluate import eval_windows
+from elmforest.forest import Forest, read_json
+from elmforest.models import SIZES, load_model
+from elmforest.sampler import BalancedSampler
+from elmforest.scoring import (
+    ExpertPool,
+    check_forest_consistency,
+    forest_context,
+    forest_prior,
+    load_experts,
+    resolve_corpus,
+)
+from elmforest.tokens import token_array
+from elmforest.training import TrainSpec, make_optimizer, train
+
+DEMIX_DIR = "demix"
+DEMIX_RUN_JSON = "demix_run.json"  # written last: RUN/demix is complete
+BTX_DIR = "btx"
+MIX_JSON = "mix.json"  # written last: a BTX folder is complete
+MIX_FORMAT = "elmforest-btx/1"
+WEIGHT_MODES = ("uniform", "posterior")
+
+
+def model_family(recipe: Recipe) -> str:
+    """The recipe's model family: `model.path`'s config model_type, else `model.family` or the size's."""
+    if recipe.model.path:
+        return str(read_json(Path(recipe.model.path) / "config.json", "model config").get("model_type"))
+    if recipe.model.family:
+        return recipe.model.family
+    return SIZES.get(recipe.model.size or "", {}).get("family", "gpt2")
+
+
+def check_arms(recipe: Recipe, source: str = "recipe") -> None:
+    """Refuse, before anything trains, an arm the architecture cannot run."""
+    family = model_family(recipe)
+    if recipe.arms.btx and family != "llama":
+        raise ElmError(
+            f"arms.btx needs llama-family experts, but the model family is {family!r}; "
+            "set model.family: llama (a GPT-2 MLP has no Mixtral counterpart)",
+            source,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# DEMix
+
+
+def demix_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / DEMIX_DIR
+
+
+def _dense_name(name: str) -> str:
+    """`transformer.h.0.mlp.experts.2.c_fc.weight` -> `transformer.h.0.mlp.c_fc.weight`."""
+    return re.sub(r"\.mlp\.experts\.\d+\.", ".mlp.", name)
+
+
+def demix_optimizer_state(
+    dense: torch.nn.Module, dense_optimizer_state: dict[str, Any], n_domains: int, spec: TrainSpec
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Turn `dense` into a DEMix model (in place) and map its AdamW state onto the new parameters.
+
+    Returns (the DEMix model, an optimizer state_dict for `training.make_optimizer(demix, spec)`):
+    every shared parameter keeps its moments; each of the n copies of an MLP parameter gets a copy
+    of that dense parameter's moments and step. The parameter order (and so the state's indices)
+    changes with the split, hence the mapping by name.
+    """
+    dense_opt = make_optimizer(dense, spec)
+    try:
+        dense_opt.load_state_dict(dense_optimizer_state)
+    except (ValueError, KeyError) as e:
+        raise ElmError(f"the seed's optimizer state does not match its model ({e})") from None
+    by_name = {name: dense_opt.state[p] for name, p in dense.named_parameters() if p in dense_opt.state}
+    model = demix.to_demix(dense, n_domains)
+    opt = make_optimizer(model, spec)
+    for name, p in model.named_parameters():
+        moments = by_name.get(_dense_name(name))
+        require(moments is not None, f"the seed's optimizer state has no entry for {_dense_name(name)!r}")
+        opt.state[p] = {k: v.clone() for k, v in moments.items()}
+    return model, opt.state_dict()
+
+
+def _routed_valid_batches(
+    arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The valid windows `phases.valid_batches` scores, each with its domain's index: (tokens, ids)."""
+    per_domain = [eval_windows(a, context, max_tokens=windows_per_domain * context + 1) for a in arrays.values()]
+    rows = torch.cat(per_domain)
+    ids = torch.cat([torch.full((len(w),), j, dtype=torch.long) for j, w in enumerate(per_domain)])
+    return list(zip(rows.split(batch_size), ids.split(batch_size)))
+
+
+def train_demix(
+    recipe: Recipe, run_dir: Path, progress: bool = True, stop_at_step: int | None = None
+) -> dict[str, Any]:
+    """Train the DEMix arm from RUN/seed into RUN/demix; returns RUN/demix/demix_run.json's contents.
+
+    Same balanced batches, micro-batches, schedule and step count as the dense continuation
+    (see the module docstring); `demix.set_domains` routes each row through its own domain's
+    MLPs before every forward. Resumable through the training loop's checkpoint (train_state.pt
+    holds the DEMix weights); a finished folder is returned as it is. `stop_at_step` stops early
+    (tests); a later call continues to the end.
+    """
+    run_dir = Path(run_dir)
+    out = demix_dir(run_dir)
+    if (out / DEMIX_RUN_JSON).is_file():
+        return read_json(out / DEMIX_RUN_JSON, DEMIX_RUN_JSON)
+    tok = run_dir / "tokenizer"
+    seed = phases.seed_dir(run_dir)
+    seed_meta = read_json(seed / phases.SEED_JSON, "seed.json")
+    corpus = Corpus(recipe.corpus)
+    domains = list(recipe.train_domains)
+    context = phases.model_context(recipe, tok)
+    budget = phases.plan_budget(recipe, context)
+    spec = phases.train_spec(recipe, budget, budget.dense_micro_batches)
+    train_arrays = phases.domain_arrays(corpus, tok, domains, "train")
+    sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+    valid = _routed_valid_batches(
+        phases.domain_arrays(corpus, tok, domains, "valid"),
+        context,
+        recipe.eval.valid_windows_per_domain,
+        recipe.eval.batch_size,
+    )
+    dense = load_model(seed)
+    init = None
+    if (out / phases.TRAIN_STATE).is_file():  # resuming: the checkpoint holds weights and state
+        model = demix.to_demix(dense, len(domains))
+    else:
+        state = load_train_state(seed / phases.TRAIN_STATE)
+        sampler.load_state_dict(state["sampler"])  # continue with the dense run's next batches
+        if int(state["step"]) > 0:
+            model, opt_state = demix_optimizer_state(dense, state["optimizer"], len(domains), spec)
+            init = {"optimizer": opt_state, "step": int(state["step"])}
+        else:  # seed_fraction 0: DEMix from the initial weights, fresh AdamW
+            model = demix.to_demix(dense, len(domains))
+    phases.save_model_files_once(out, tok)
+
+    def route(ids: torch.Tensor) -> None:
+        demix.set_domains(model, ids)
+
+    result = train(
+        model, sampler, spec, out, stop_at_step=stop_at_step, valid_batches=valid, progress=progress,
+        init_optimizer_state=init, route=route,
+    )
+    if result["steps"] < spec.total_steps:
+        return result
+    demix.clear_routing(model)
+    demix.save_demix(model, out, domains)
+    from elmforest.results import param_count  # (results imports this module)
+
+    meta = {
+        "arm": "demix",
+        "domains": domains,
+        **result,
+        "seed_tokens": seed_meta["tokens"],
+        "seed_flops": seed_meta["flops"],
+        "params": param_count(model),
+        "elmforest_version": __version__,
+    }
+    storage.write_json(out / DEMIX_RUN_JSON, meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# BTX
+
+
+def _recorded(metas: dict[str, dict[str, Any]], section: str, key: str, default: Any) -> Any:
+    """A value of the recipe recorded in expert.json (`recipe.<section>.<key>`), else `default`."""
+    for meta in metas.values():
+        recipe = meta.get("recipe")
+        part = recipe.get(section) if isinstance(recipe, dict) else None
+        if isinstance(part, dict) and part.get(key) is not None:
+            return part[key]
+    return default
+
+
+def forest_family(forest: Forest) -> str:
+    """The experts' model_type, read from the first expert's config.json."""
+    require(forest.experts, "the forest has no experts", forest.path / "forest.json")
+    config = read_json(forest.expert_dir(forest.names[0]) / "config.json", "model config")
+    return str(config.get("model_type"))
+
+
+def build_moe(
+    forest_dir: str | Path,
+    *,
+    weights: str = "uniform",
+    domain: str | None = None,
+    top_k: int = 2,
+    finetune_tokens: int = 0,
+    train_all: bool = False,
+    corpus: str | Path | None = None,
+    lr: float | None = None,
+    batch_tokens: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Mix a forest's llama experts into one Mixtral MoE and fine-tune it -> (moe, mix.json contents).
+
+    weights: "uniform", or "posterior" (the forest's cached prior on `domain`'s valid windows,
+    estimated with the recorded recipe's eval settings) for the averaged non-MLP parameters.
+    finetune_tokens: router fine-tuning tokens (0: none; rounded up to whole batches), on
+    balanced batches of the experts' domains' train splits, `batch_tokens` per step (default:
+    the recorded budget.batch_tokens), constant `lr` (default: the recorded optim.lr).
+    `corpus` defaults to the one recorded in expert.json.
+    """
+    forest = Forest(forest_dir)
+    family = forest_family(forest)
+    if family != "llama":
+        raise ElmError(
+            f"BTX needs llama-family experts but these are {family!r}; train the forest with model.family: llama",
+            forest.path,
+        )
+    metas = check_forest_consistency(forest)
+    require(weights in WEIGHT_MODES, f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    require(weights != "posterior" or domain, "--weights posterior needs --domain (the domain whose prior weighs the experts)")
+    require(weights == "posterior" or not domain, "--domain only applies with --weights posterior")
+    require(finetune_tokens >= 0, f"--finetune-tokens must be >= 0, got {finetune_tokens}")
+    context = forest_context(forest)
+    need_corpus = finetune_tokens > 0 or weights == "posterior"
+    data: Corpus | None = None
+    if need_corpus:
+        data = resolve_corpus(corpus, metas.values(), forest.path)
+
+    mix_weights = None
+    if weights == "posterior":
+        data.require([domain], "--domain")
+        pool = ExpertPool(forest, device)
+        record = forest_prior(
+            pool, data, domain, context,
+            sequences=_recorded(metas, "eval", "prior_sequences", 100),
+            batch=_recorded(metas, "eval", "prior_batch", 4),
+            alpha=_recorded(metas, "eval", "prior_alpha", 0.3),
+            posterior=_recorded(metas, "eval", "posterior", "one_step"),
+        )
+        mix_weights = [record.experts[n] for n in forest.names]
+        log("posterior weights on " + domain + ": " + ", ".join(f"{n} {w:.3f}" for n, w in zip(forest.names, mix_weights)))
+    experts = load_experts(forest, device=device)
+    moe = btx.mix_experts(experts, mix_weights, top_k=top_k, seed=seed)
+    del experts
+    n = len(forest.names)
+    used = [1.0 / n] * n if mix_weights is None else [w / sum(mix_weights) for w in mix_weights]
+    domains = list(dict.fromkeys(e.domain for e in forest.experts))  # unique, in forest order
+    finetune: dict[str, Any] = {"tokens": 0, "flops": 0, "steps": 0}
+    if finetune_tokens > 0:
+        data.require(domains, "the forest experts' domains (BTX fine-tunes on their train splits)")
+        batch_tokens = batch_tokens or _recorded(metas, "budget", "batch_tokens", 16 * context * len(domains))
+        lr = lr or _recorded(metas, "optim", "lr", 1e-3)
+        # B = blocks_per_domain * n_domains windows of `context` tokens per step, at least one per domain
+        blocks_per_domain = max(1, batch_tokens // (context * len(domains)))
+        per_step = blocks_per_domain * len(domains) * context
+        steps = math.ceil(finetune_tokens / per_step)
+        arrays = {d: token_array(data, forest.tokenizer_dir, d, "train") for d in domains}
+        sampler = BalancedSampler(arrays, context, blocks_per_domain, seed=seed)
+        batches = (sampler.next_batch() for _ in range(steps))
+        log(f"BTX: fine-tuning {'all parameters' if train_all else 'the routers'} for {steps} steps of {per_step} tokens")
+        info = btx.finetune_router(moe, batches, steps, lr, train_all=train_all)
+        finetune = {
+            "tokens": info["tokens"],
+            "flops": info["flops"],
+            "steps": info["steps"],
+            "lr": lr,
+            "batch_tokens": per_step,
+            "train_all": train_all,
+            "domains": domains,
+            "loss_first": info["loss_first"],
+            "loss_last": info["loss_last"],
+        }
+    moe.eval()
+    from elmforest.results import param_count
+
+    meta = {
+        "format": MIX_FORMAT,
+        "forest": str(forest.path.resolve()),
+        "experts": forest.names,
+        "domains": [e.domain for e in forest.experts],
+        "weights": used,
+        "weights_mode": weights,
+        "weights_domain": domain,
+        "top_k": top_k,
+        "finetune": finetune,
+        "params": param_count(moe),
+        "flops_per_token_moe_forward": btx.moe_flops_per_token(moe, context)["moe"],
+        "tokenizer_hash": forest.data["tokenizer_hash"],
+        "elmforest_version": __version__,
+    }
+    return moe, meta
+
+
+def mix_forest(forest_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """`build_moe(forest_dir, **options)`, then write `out` (must not exist): the Hugging Face
+    Mixtral folder (`btx.save_moe`), the forest's tokenizer files, and `mix.json` last."""
+    out = Path(out)
+    require(not out.exists(), "already exists; choose a new folder for the BTX model", out)
+    moe, meta = build_moe(forest_dir, **options)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
+    try:
+        btx.save_moe(moe, out)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    phases.save_model_files_once(out, Forest(forest_dir).tokenizer_dir)
+    storage.write_json(out / MIX_JSON, meta)
+    return meta
+
+
+def btx_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / BTX_DIR
+
+
+def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers
+    fine-tuned for `arms.btx_tokens` tokens at the recipe's batch and peak lr. Skipped when done."""
+    run_dir = Path(run_dir)
+    out = btx_dir(run_dir)
+    if (out / MIX_JSON).is_file():
+        return read_json(out / MIX_JSON, MIX_JSON)
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted build of this run (mix.json is written last)
+    forest = Forest(run_dir / "forest")
+    return mix_forest(
+        forest.path,
+        out,
+        top_k=min(2, len(forest.names)),
+        finetune_tokens=recipe.arms.btx_tokens,
+        corpus=recipe.corpus,
+        lr=recipe.optim.lr,
+        batch_tokens=recipe.budget.batch_tokens,
+        seed=recipe.optim.seed,
+        device=phases.resolve_device(recipe.optim.device),
+        log=log,
+    )
