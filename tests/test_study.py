@@ -111,3 +111,18 @@ def test_run_refuses_a_folder_of_another_recipe(study, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget" in err[0]
+
+
+def test_changing_eval_settings_rescores_without_training(study, tmp_path):
+    import yaml
+
+    recipe, out = study
+    data = yaml.safe_load(recipe.read_text())
+    data["eval"]["max_tokens_per_domain"] = 500
+    other = write_recipe(tmp_path / "eval.yaml", data)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
+    main(["run", str(other), "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == stamps
+    assert all(n <= 500 for n in results["budget"]["eval_tokens_per_domain"].values())
+    main(["run", str(recipe), "--no-progress"])  # and back, for the other tests of this module

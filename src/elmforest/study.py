@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,33 +36,37 @@ from elmforest.tokens import token_array
 from elmforest.training import read_metrics
 
 RECIPE_FILE = "recipe.yaml"
-# Recipe sections that may change between runs of one folder without invalidating its models.
+# Recipe sections that may change between runs of one folder without invalidating its models:
+# where experts run, and (after a fresh evaluation) which arms and how they are evaluated.
 VOLATILE_KEYS = ("launcher", "out")
+REEVALUATE_KEYS = ("arms", "eval")
 
 
-def _fingerprint(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.model_dump(mode="json")
-    for key in VOLATILE_KEYS:
-        data.pop(key, None)
-    return data
+def _sections(data: dict[str, Any], keep: bool, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if (k in keys) == keep}
 
 
 def claim_run_dir(recipe: Recipe, out: Path) -> None:
-    """Record the resolved recipe in RUN/recipe.yaml; refuse a folder holding another recipe's run."""
+    """Record the resolved recipe in RUN/recipe.yaml; refuse a folder holding another recipe's run.
+
+    Changing `launcher` is always fine; changing `arms` or `eval` keeps every trained model and
+    drops the evaluation cache, so the next run re-scores everything with the new settings."""
     path = out / RECIPE_FILE
+    new = recipe.model_dump(mode="json")
     if path.is_file():
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for key in VOLATILE_KEYS:
-            old.pop(key, None)
-        new = _fingerprint(recipe)
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        skip = VOLATILE_KEYS + REEVALUATE_KEYS
+        old_models, new_models = _sections(old, False, skip), _sections(new, False, skip)
+        if old_models != new_models:
+            changed = sorted(k for k in set(old_models) | set(new_models) if old_models.get(k) != new_models.get(k))
             raise ElmError(
                 f"this folder holds a run of a different recipe ({', '.join(changed)} differ); use another --out",
                 out,
             )
+        if _sections(old, True, REEVALUATE_KEYS) != _sections(new, True, REEVALUATE_KEYS) and (out / "eval").is_dir():
+            shutil.rmtree(out / "eval")  # re-score every method with the new arms / eval settings
     out.mkdir(parents=True, exist_ok=True)
-    storage.write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    storage.write_text(path, yaml.safe_dump(new, sort_keys=False))
 
 
 def _train_forest(
