@@ -431,8 +431,12 @@ def cluster_corpus(
     tolerance: float = 0.1,
     max_features: int = 50000,
     stop_words: bool = True,
+    carry: list[str] | None = None,
 ) -> dict[str, Any]:
     """Re-split the documents of `domains` (all of them if None) into k clusters, written as a new corpus.
+
+    `carry`: other domains copied unchanged into the new corpus (e.g. the novel domains a study
+    evaluates on); they are not clustered and not in the contingency table.
 
     Fitted on the train split (balanced assignment); valid/test documents go to their nearest
     centre. The new corpus has domains cluster0..cluster{k-1}; it holds `clusterer/` (the
@@ -448,6 +452,10 @@ def cluster_corpus(
     require(domains, "no domains to cluster", corpus.path)
     require(len(set(domains)) == len(domains), f"duplicate domains in {domains}")
     corpus.require(domains)
+    carry = list(carry or [])
+    corpus.require(carry)
+    both = sorted(set(carry) & set(domains))
+    require(not both, f"domain {both[0]!r} is both clustered and carried" if both else "")
     if (out / MANIFEST).exists():
         raise ElmError("a corpus already exists here; choose another --out or delete it", out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -501,6 +509,12 @@ def cluster_corpus(
                      licence="; ".join(licences), extra={"cluster": c})
         for c in range(k)
     ]
+    sources += [
+        DomainSource(name=d, documents=(t for s in SPLITS for t in corpus.texts(d, s)),
+                     source=f"{d} of {corpus.path}, carried unchanged", licence=str(src[d].get("licence", "")))
+        for d in carry
+    ]
+    summary["carried"] = carry
     if out.exists():
         out.rmdir()  # empty (checked above); atomic_dir creates it afresh
     with storage.atomic_dir(out) as tmp:

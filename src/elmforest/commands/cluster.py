@@ -28,6 +28,9 @@ def corpus_cluster(
     stop_words: bool = typer.Option(
         True, "--stop-words/--no-stop-words", help="Drop English stop words before tf-idf."
     ),
+    carry: str | None = typer.Option(
+        None, "--carry", help="Comma-separated domains copied unchanged into the new corpus (e.g. novel domains)."
+    ),
 ) -> None:
     """Cluster a corpus into k balanced domains (tf-idf, SVD, balanced k-means) and write it as a new corpus.
 
@@ -37,6 +40,7 @@ def corpus_cluster(
     summary = cluster_corpus(
         Corpus(corpus), chosen, k, out, svd_dim=svd_dim, seed=seed, tolerance=tolerance,
         max_features=max_features, stop_words=stop_words,
+        carry=[d.strip() for d in carry.split(",") if d.strip()] if carry else None,
     )
     table = Table(title=f"documents per source domain and cluster ({out})")
     table.add_column("domain")
