@@ -227,11 +227,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """Make the recipe's input paths absolute (relative ones are relative to the working folder),
+    so the copy a run folder keeps works from anywhere."""
+    recipe.corpus = str(Path(recipe.corpus).resolve())
+    if recipe.tokenizer.path:
+        recipe.tokenizer.path = str(Path(recipe.tokenizer.path).resolve())
+    if recipe.model.path:
+        recipe.model.path = str(Path(recipe.model.path).resolve())
+    return recipe
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; relative `corpus`/`out` paths resolve against the CWD."""
+    """Read, override and validate a recipe; relative input paths resolve against the CWD."""
     data = apply_overrides(read_yaml(path), overrides)
     try:
-        return Recipe.model_validate(data)
+        return resolve_paths(Recipe.model_validate(data))
     except ValidationError as e:
         raise ElmError(_format_validation_error(e), path) from None
 
