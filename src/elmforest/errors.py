@@ -15,6 +15,8 @@ class ElmError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None):
         text = " ".join(str(message).split())  # always one line
+        self.path = Path(path) if path is not None else None
+        self.detail = text  # the message without the path
         if path is not None:
             text = f"{path}: {text}"
         super().__init__(text)

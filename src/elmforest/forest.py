@@ -23,11 +23,15 @@ from filelock import FileLock
 from elmforest import storage
 from elmforest.corpus import check_domain_name
 from elmforest.errors import ElmError
+from elmforest.tokenizer import CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TRAINING_FILE
 
 FOREST_JSON = "forest.json"
 EXPERT_JSON = "expert.json"
 FORMAT = "elmforest-forest/1"
 WEIGHTS = "model.safetensors"
+LOCK_NAME = ".forest.lock"
+# What a forest's tokenizer/ holds (the files of `elmforest.tokenizer`).
+TOKENIZER_FOLDER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, TRAINING_FILE)
 
 
 @dataclass(frozen=True)
@@ -125,27 +129,31 @@ class Forest:
     # -- creation and changes --------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, tokenizer_dir: str | Path, tokenizer_hash: str, arch_hash: str) -> "Forest":
-        """Create an empty forest with a copy of the tokenizer (no-op if it already exists and matches)."""
+        """Create an empty forest with a copy of the tokenizer (no-op if it already exists and matches).
+
+        Runs under the forest's lock, so two processes creating the same forest at once (two
+        concurrent first merges) agree on one forest.json instead of overwriting each other's.
+        """
         path = Path(path)
-        if (path / FOREST_JSON).exists():
-            forest = cls(path)
-            if forest.data["tokenizer_hash"] != tokenizer_hash or forest.data["arch_hash"] != arch_hash:
-                raise ElmError("a different forest (tokenizer or architecture) already exists here", path)
-            return forest
         path.mkdir(parents=True, exist_ok=True)
-        if not (path / "tokenizer").exists():
-            with storage.atomic_dir(path / "tokenizer") as tmp:
-                for f in Path(tokenizer_dir).iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-        storage.write_json(
-            path / FOREST_JSON,
-            {"format": FORMAT, "tokenizer_hash": tokenizer_hash, "arch_hash": arch_hash, "experts": []},
-        )
-        return cls(path)
+        with FileLock(str(path / LOCK_NAME), timeout=600):
+            if not (path / FOREST_JSON).exists():
+                if not (path / "tokenizer").exists():
+                    with storage.atomic_dir(path / "tokenizer") as tmp:
+                        for name in TOKENIZER_FOLDER_FILES:  # the tokenizer only, not a model's weights
+                            if (Path(tokenizer_dir) / name).is_file():
+                                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+                storage.write_json(
+                    path / FOREST_JSON,
+                    {"format": FORMAT, "tokenizer_hash": tokenizer_hash, "arch_hash": arch_hash, "experts": []},
+                )
+        forest = cls(path)
+        if forest.data["tokenizer_hash"] != tokenizer_hash or forest.data["arch_hash"] != arch_hash:
+            raise ElmError("a different forest (tokenizer or architecture) already exists here", path)
+        return forest
 
     def _lock(self) -> FileLock:
-        return FileLock(str(self.path / ".forest.lock"), timeout=600)
+        return FileLock(str(self.path / LOCK_NAME), timeout=600)
 
     def _write(self, experts: list[dict[str, str]]) -> None:
         data = dict(self.data)
@@ -167,6 +175,9 @@ class Forest:
             )
         if meta["arch_hash"] != self.data["arch_hash"]:
             raise ElmError(f"architecture {meta['arch_hash']} differs from the forest's {self.data['arch_hash']}", jpath)
+        from elmforest.checkpoint import verify_weights  # torch: imported only when merging
+
+        verify_weights(expert_dir / WEIGHTS)  # a corrupt checkpoint never enters a forest
         with self._lock():
             self._load()
             if name in self.names:

@@ -185,8 +185,13 @@ def valid_batches(arrays: dict[str, Any], context: int, windows_per_domain: int,
 
     With equal windows per domain, the mean loss over them is the mean of per-domain losses,
     so exp(valid_loss) is the geometric mean of the per-domain perplexities."""
-    rows = torch.cat([eval_windows(a, context, max_tokens=windows_per_domain * context + 1) for a in arrays.values()])
-    return list(rows.split(batch_size))
+    windows = []
+    for domain, a in arrays.items():
+        try:
+            windows.append(eval_windows(a, context, max_tokens=windows_per_domain * context + 1))
+        except ElmError as e:  # name the split: a valid split shorter than one window
+            raise ElmError(f"domain {domain!r} valid split: {e.detail}") from None
+    return list(torch.cat(windows).split(batch_size))
 
 
 def model_spec(recipe: Recipe, tokenizer_dir: Path):

@@ -21,6 +21,9 @@ def merge(
 
     meta = read_expert(expert)
     if not (forest / "forest.json").exists():
+        from elmforest.checkpoint import verify_weights
+
+        verify_weights(expert)  # before the new forest folder is written (merge checks it again)
         Forest.create(forest, expert, meta["tokenizer_hash"], meta["arch_hash"])
     entry = Forest(forest).merge(expert, name=name)
     print(f"merged {entry.name} (domain {entry.domain}) into {forest}")

@@ -16,9 +16,11 @@ def run(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
 ) -> None:
     """Run the compute-matched BTM study: seed, dense, BTM forest, random-split forest, evaluation and report. Rerunning the same command continues an interrupted run and skips finished stages."""
+    from elmforest.check import check_recipe
     from elmforest.study import run_study
 
     r = load_recipe(recipe, set_)
+    check_recipe(r, recipe)  # every error knowable up front, before the run folder is written
     run_study(r, out or Path(r.out), progress=not no_progress)
 
 

@@ -36,10 +36,12 @@ def seed(
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
 ) -> None:
     """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
+    from elmforest.check import check_recipe
     from elmforest.phases import train_seed
     from elmforest.study import claim_run_dir
 
     r = load_recipe(recipe, set_)
+    check_recipe(r, recipe)
     run_dir = out or Path(r.out)
     claim_run_dir(r, run_dir)
     result = train_seed(r, run_dir, full=full)
