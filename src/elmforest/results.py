@@ -24,6 +24,7 @@ from elmforest import mixtures, storage
 from elmforest.averaging import average_state_dicts
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
+from elmforest.errors import ElmError
 from elmforest.demix import demix_cached_prior, demix_logprobs, load_demix
 from elmforest.ensemble import cached_prior, expert_logprobs, mix_logprobs, posterior_log_weights, top_k_prior
 from elmforest.evaluate import eval_windows
@@ -114,7 +115,10 @@ class Scorer:
         return out.eval()
 
     def windows(self, domain: str, split: str, max_tokens: int) -> torch.Tensor:
-        return eval_windows(token_array(self.corpus, self.tok, domain, split), self.context, max_tokens)
+        try:
+            return eval_windows(token_array(self.corpus, self.tok, domain, split), self.context, max_tokens)
+        except ElmError as e:
+            raise ElmError(f"domain {domain!r} {split} split: {e}", self.corpus.path) from None
 
     def score_domain(self, domain: str) -> dict[str, Any]:
         """NLL of every method on one domain's test windows, plus the cached priors used."""

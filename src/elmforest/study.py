@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from elmforest import mixtures, phases, storage
-from elmforest.config import Recipe
+from elmforest.config import Recipe, read_yaml
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_expert, read_json
@@ -54,7 +54,7 @@ def claim_run_dir(recipe: Recipe, out: Path) -> None:
     path = out / RECIPE_FILE
     new = recipe.model_dump(mode="json")
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        old = read_yaml(path)
         skip = VOLATILE_KEYS + REEVALUATE_KEYS
         old_models, new_models = _sections(old, False, skip), _sections(new, False, skip)
         if old_models != new_models:
