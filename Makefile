@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'  # accelerate for the Trainer comparison
 	$(BIN)/python bench/run_all.py
 
 clean:
