@@ -126,3 +126,15 @@ def test_changing_eval_settings_rescores_without_training(study, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == stamps
     assert all(n <= 500 for n in results["budget"]["eval_tokens_per_domain"].values())
     main(["run", str(recipe), "--no-progress"])  # and back, for the other tests of this module
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(study, capsys):
+    from filelock import FileLock
+
+    recipe, out = study
+    with FileLock(str(out / ".run.lock")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(recipe), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another elmforest process" in err[0]

@@ -233,11 +233,28 @@ def assemble_results(
 
 
 def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue) the whole study in `out`; returns results.json's contents."""
+    """Run (or continue) the whole study in `out`; returns results.json's contents.
+
+    One process at a time per run folder: a second `elmforest run` on the same folder is refused."""
+    from filelock import FileLock, Timeout
+
     out = Path(out)
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
     mixtures.check_arms(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".run.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ElmError("another elmforest process is running in this folder; wait for it or use another --out", out) from None
+    try:
+        return _run_locked(recipe, out, corpus, progress, log)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     claim_run_dir(recipe, out)
     if recipe.rounds:  # incremental growth: a study of its own (see elmforest.grow)
         from elmforest.grow import run_rounds
