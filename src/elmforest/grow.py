@@ -54,12 +54,13 @@ import torch
 from elmforest import phases, storage
 from elmforest.config import Recipe, recipe_from_dict
 from elmforest.corpus import Corpus
-from elmforest.ensemble import cached_prior, mix_logprobs
+from elmforest.ensemble import mix_logprobs
 from elmforest.errors import ElmError, require
-from elmforest.evaluate import eval_windows
 from elmforest.forest import EXPERT_JSON, Forest, read_expert, read_json
 from elmforest.models import load_model
-from elmforest.tokens import token_array
+from elmforest.report import geo_mean
+from elmforest.results import param_count
+from elmforest.scoring import domain_windows, estimate_prior, load_experts
 
 INITS = ("mixture", "seed", "nearest")
 GROW_JSON = "grow.json"
@@ -101,15 +102,6 @@ def fresh_steps(recipe: Recipe, run_dir: Path) -> int:
 # The prior of a forest on a new domain, and the parents it picks
 
 
-def load_experts(forest: Forest) -> list[torch.nn.Module]:
-    return [load_model(forest.expert_dir(n)).eval() for n in forest.names]
-
-
-def domain_windows(corpus: Corpus, tokenizer_dir: Path, domain: str, split: str, context: int, max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` tokens of a domain's split as [N, context+1] scoring windows."""
-    return eval_windows(token_array(corpus, tokenizer_dir, domain, split), context, max_tokens)
-
-
 def forest_prior(
     forest_dir: Path, corpus: Corpus, tokenizer_dir: Path, domain: str, context: int, recipe: Recipe,
     models: list[torch.nn.Module] | None = None,
@@ -118,10 +110,11 @@ def forest_prior(
     forest = Forest(forest_dir)
     require(forest.names, "the forest has no experts to grow from", forest_dir)
     e = recipe.eval
-    windows = domain_windows(corpus, tokenizer_dir, domain, "valid", context, e.prior_sequences * context + 1)
     models = models if models is not None else load_experts(forest)
     with torch.inference_mode():
-        prior = cached_prior(models, windows, e.prior_batch, e.prior_alpha, e.posterior)
+        prior, _batches, _windows = estimate_prior(
+            models, corpus, tokenizer_dir, domain, context, e.prior_sequences, e.prior_batch, e.prior_alpha, e.posterior
+        )
     return dict(zip(forest.names, prior.tolist()))
 
 
@@ -242,10 +235,6 @@ def grow_expert(
 # Evaluation helpers shared by the rounds, the removal study and the router
 
 
-def _geo_mean(ppls: list[float]) -> float | None:
-    return math.exp(sum(math.log(p) for p in ppls) / len(ppls)) if ppls else None
-
-
 def forest_scores(
     models: list[torch.nn.Module], test: torch.Tensor, valid: torch.Tensor, recipe: Recipe, average: bool = True
 ) -> tuple[dict[str, float], list[float]]:
@@ -276,14 +265,8 @@ def _row(nll: dict[str, float], train: list[str], novel: list[str], flops: float
     """One results_table row from per-domain NLLs."""
     t = {d: math.exp(nll[d]) for d in train}
     n = {d: math.exp(nll[d]) for d in novel}
-    return {"train": t, "novel": n, "train_mean": _geo_mean(list(t.values())), "novel_mean": _geo_mean(list(n.values())),
+    return {"train": t, "novel": n, "train_mean": geo_mean(list(t.values())), "novel_mean": geo_mean(list(n.values())),
             "train_flops": flops, "inference_params": params}
-
-
-def _param_count(model: torch.nn.Module) -> int:
-    from elmforest.results import param_count
-
-    return param_count(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +350,7 @@ def _round_block(
     scores: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     seed = read_json(phases.seed_dir(out) / phases.SEED_JSON, "seed.json")
-    params = _param_count(load_model(phases.seed_dir(out)))
+    params = param_count(load_model(phases.seed_dir(out)))
     compute: dict[str, dict[str, float]] = {}
     for arm, p in arms.items():
         tokens, flops = _forest_tokens_flops(p, seed)
@@ -604,7 +587,7 @@ def removal_study(
         "method": f"cached-prior ensemble ({e.posterior} posterior)",
         "domains": {"removed": domain, "kept": [d for d in others if d in domains], "novel": novel},
         "ppl": table,
-        "novel_mean_before": _geo_mean([table["before"][d] for d in novel]),
+        "novel_mean_before": geo_mean([table["before"][d] for d in novel]),
         "priors_after": priors,
     }
     storage.write_json(run_dir / f"forget_{domain}.json", result)
@@ -681,7 +664,7 @@ def router_row(
             lp = batched_logprobs(models, test, recipe.eval.batch_size)  # [n, N, T]
         logw = w.T.log().unsqueeze(-1).expand(-1, -1, lp.shape[-1])  # [n, N, T]
         nll[d] = nll_of(mix_logprobs(lp, logw))
-    params = _param_count(models[0])
+    params = param_count(models[0])
     seed = read_json(phases.seed_dir(run_dir) / phases.SEED_JSON, "seed.json")
     _, flops = _forest_tokens_flops(forest.path, seed)
     row = _row(nll, recipe.train_domains, recipe.novel_domains, flops, len(models) * params)

@@ -16,6 +16,11 @@ from elmforest import storage
 RESERVED_KEYS = ("budget", "recipe", "priors", "unigram", "curves", "timing", "notes")
 
 
+def geo_mean(ppls: list[float]) -> float | None:
+    """Geometric mean of perplexities: the exponent of the mean per-domain NLL (None if empty)."""
+    return math.exp(sum(math.log(p) for p in ppls) / len(ppls)) if ppls else None
+
+
 def method_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in results.items() if k not in RESERVED_KEYS}
 
@@ -178,6 +183,27 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
         results_table(results),
         "",
     ]
+    test_tokens = budget.get("eval_tokens_per_domain") or {}
+    prior_windows = budget.get("prior_windows_per_domain") or {}
+    if test_tokens:
+        wanted = (results.get("recipe") or {}).get("eval", {}).get("prior_sequences")
+        parts += [
+            "## Evaluation set",
+            "",
+            "Test tokens scored per domain (the same for every method) and the valid windows the cached "
+            "prior saw. A domain with few windows has seen few moving-average steps, so its prior stays "
+            "closer to uniform; a domain with few test tokens has a noisier perplexity.",
+            "",
+            "| domain | test tokens | prior windows |",
+            "|---|---|---|",
+            *[
+                f"| {d} | {n:,} | {prior_windows.get(d, '-')}"
+                + (" (fewer than asked)" if wanted and prior_windows.get(d, wanted) < wanted else "")
+                + " |"
+                for d, n in test_tokens.items()
+            ],
+            "",
+        ]
     for name, prior in (results.get("priors") or {}).items():
         if prior:
             png = plots / f"prior_{name}.png"

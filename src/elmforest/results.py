@@ -27,9 +27,9 @@ from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.demix import demix_cached_prior, demix_logprobs, load_demix
 from elmforest.ensemble import cached_prior, expert_logprobs, mix_logprobs, posterior_log_weights, top_k_prior
-from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
 from elmforest.models import load_model
+from elmforest.scoring import domain_windows
 from elmforest.tokens import token_array
 
 OTHER_POSTERIOR = {"one_step": "full_prefix", "full_prefix": "one_step"}
@@ -116,7 +116,7 @@ class Scorer:
 
     def windows(self, domain: str, split: str, max_tokens: int) -> torch.Tensor:
         try:
-            return eval_windows(token_array(self.corpus, self.tok, domain, split), self.context, max_tokens)
+            return domain_windows(self.corpus, self.tok, domain, split, self.context, max_tokens)
         except ElmError as e:
             raise ElmError(f"domain {domain!r} {split} split: {e}", self.corpus.path) from None
 

@@ -30,7 +30,7 @@ from elmforest.config import Recipe, read_yaml
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_expert, read_json
-from elmforest.report import results_table, write_report
+from elmforest.report import geo_mean, results_table, write_report
 from elmforest.tokenizer import tokenizer_hash
 from elmforest.tokens import token_array
 from elmforest.training import read_metrics
@@ -95,10 +95,6 @@ def _train_forest(
         if Path(p).name not in forest.names:
             forest.merge(p)
     return forest
-
-
-def _geo_mean(ppls: list[float]) -> float | None:
-    return math.exp(sum(math.log(p) for p in ppls) / len(ppls)) if ppls else None
 
 
 def _curves(out: Path, forest_dirs: list[Path]) -> dict[str, list[tuple[float, float]]]:
@@ -194,8 +190,8 @@ def assemble_results(
         results[m] = {
             "train": train,
             "novel": novel,
-            "train_mean": _geo_mean(list(train.values())),
-            "novel_mean": _geo_mean(list(novel.values())),
+            "train_mean": geo_mean(list(train.values())),
+            "novel_mean": geo_mean(list(novel.values())),
             "train_flops": arms[arm]["flops"],
             "inference_params": inf_params,
         }
@@ -204,8 +200,8 @@ def assemble_results(
     results["unigram"] = {
         "train": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.train_domains},
         "novel": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.novel_domains},
-        "train_mean": _geo_mean(unigram_train),
-        "novel_mean": _geo_mean(unigram_novel),
+        "train_mean": geo_mean(unigram_train),
+        "novel_mean": geo_mean(unigram_novel),
     }
     results["priors"] = {
         arm: {d: scores[d]["priors"][arm]["experts"] for d in scores}
