@@ -31,7 +31,7 @@ from elmforest.corpus import Corpus, check_domain_name
 from elmforest.errors import ElmError
 from elmforest.evaluate import eval_windows
 from elmforest.forest import EXPERT_JSON, read_json
-from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, load_model, resolve_spec, save_model
+from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, load_model, resolve_spec
 from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
 from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
 from elmforest.tokens import token_array

@@ -15,7 +15,6 @@ Stages (each skipped when already complete, each resumable when interrupted):
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -31,7 +30,6 @@ from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_expert, read_json
 from elmforest.report import geo_mean, results_table, write_report
-from elmforest.tokenizer import tokenizer_hash
 from elmforest.tokens import token_array
 from elmforest.training import read_metrics
 
@@ -316,9 +314,3 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
     log(f"report: {out / 'report.md'}")
     return results
 
-
-def load_results(out: Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
-
-
-__all__ = ["run_study", "claim_run_dir", "assemble_results", "tokenizer_hash"]
