@@ -50,9 +50,7 @@ def grow(
         None, "--out-expert", help="Where the new expert trains (default RUN/experts/<domain>, RUN/experts_<init>init/<domain>)."
     ),
 ) -> None:
-    """Add a new domain to a trained forest: branch its expert from the forest's prior-weighted
-    average, train it with a round-1 expert's budget (fresh optimizer and schedule), merge it.
-    Rerun the same command to resume an interrupted training."""
+    """Add a new domain to a trained forest: branch its expert from the forest's prior-weighted average, train it with a round-1 expert's budget (fresh optimizer and schedule), merge it. Rerun the same command to resume an interrupted training."""
     from elmforest.grow import grow_expert
 
     run_dir = run or _run_of(forest)
@@ -71,9 +69,7 @@ def forget(
     domain: str = typer.Option(..., "--domain", help="Domain whose expert is removed."),
     forest: Path = typer.Option(None, "--forest", help="Forest to use (default RUN/forest or the last round's)."),
 ) -> None:
-    """Show that removing a domain's expert removes the domain: copy the forest, drop the expert,
-    and compare the cached-prior ensemble's perplexity before and after on that domain, the other
-    domains and the novel ones. Writes RUN/forget_<domain>.json; the original forest is untouched."""
+    """Show that removing a domain's expert removes the domain: copy the forest, drop the expert, and compare the cached-prior ensemble's perplexity before and after on that domain, the other domains and the novel ones. Writes RUN/forget_<domain>.json; the original forest is untouched."""
     from elmforest.grow import removal_study, removal_table
 
     result = removal_study(_recipe(None, run), run, domain, forest_dir=forest)
@@ -90,8 +86,7 @@ def compare(
     ),
     temperature: float = typer.Option(None, "--temperature", help="Router softmax temperature (default 0.1)."),
 ) -> None:
-    """Print two runs' results side by side (train and novel means, each novel domain); for a
-    c-BTM run also its clustering (contingency table, adjusted Rand index)."""
+    """Print two runs' results side by side (train and novel means, each novel domain); for a c-BTM run also its clustering (contingency table, adjusted Rand index)."""
     import json
 
     from elmforest.grow import compare_runs, router_row

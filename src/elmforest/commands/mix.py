@@ -30,10 +30,7 @@ def mix(
     seed: int = typer.Option(0, "--seed", help="Seed of the routers' initialisation and of the fine-tuning batches."),
     device: str = typer.Option("auto", "--device", help="torch device: auto (cuda when available), cpu, cuda, ..."),
 ) -> None:
-    """Mix a forest's experts into one Mixtral MoE (BTX): each expert's MLP becomes one expert of
-    every layer's MoE block, the other parameters are averaged, and new routers are fine-tuned.
-    Writes a Hugging Face folder (AutoModelForCausalLM loads it) plus mix.json. GPT-2 experts
-    cannot be mixed: train the forest with model.family: llama."""
+    """Mix a forest's experts into one Mixtral MoE (BTX): each expert's MLP becomes one expert of every layer's MoE block, the other parameters are averaged, and new routers are fine-tuned. Writes a Hugging Face folder (AutoModelForCausalLM loads it) plus mix.json. GPT-2 experts cannot be mixed: train the forest with model.family: llama."""
     from elmforest.mixtures import mix_forest
     from elmforest.phases import resolve_device
 
