@@ -308,3 +308,25 @@ def test_cli_wiring_under_corpus(two_domain_corpus, tmp_path, capsys):
         cli.main(["corpus", "cluster", str(two_domain_corpus.path), "--k", "0", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
     assert "k=0" in capsys.readouterr().err
+
+
+def test_carried_domains_keep_their_own_documents(two_domain_corpus, tmp_path):
+    # Cluster nothing but one domain and carry both: each carried domain must hold its own text.
+    out = tmp_path / "carried"
+    cluster_corpus(two_domain_corpus, ["fruit"], 2, out, svd_dim=5, seed=0, carry=["motor"])
+    new = Corpus(out)
+    for d in ("motor",):
+        for split in ("train", "valid", "test"):
+            assert sorted(new.texts(d, split)) == sorted(two_domain_corpus.texts(d, split))
+    out2 = tmp_path / "carried2"
+    cluster_corpus(two_domain_corpus, ["fruit", "motor"], 2, out2, svd_dim=5, seed=0)
+    three = tmp_path / "three"
+    write_corpus(three, [DomainSource(n, list(Corpus(out2).texts("cluster0", "train")) if n == "a" else
+                                      list(Corpus(out2).texts("cluster1", "train")), source="t")
+                         for n in ("a", "b")] +
+                 [DomainSource(n, list(two_domain_corpus.texts(n, "train")), source="t") for n in ("fruit", "motor")])
+    out3 = tmp_path / "carried3"
+    cluster_corpus(Corpus(three), ["a", "b"], 2, out3, svd_dim=5, seed=0, carry=["fruit", "motor"])
+    for d in ("fruit", "motor"):
+        got = sorted(t for s in ("train", "valid", "test") for t in Corpus(out3).texts(d, s))
+        assert got == sorted(two_domain_corpus.texts(d, "train"))

@@ -21,6 +21,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,12 @@ class ClusterRouter:
 # ----------------------------------------------------------------------------- corpora
 
 
+def _all_texts(corpus: Corpus, domain: str) -> Iterator[str]:
+    """Every document of a domain, all splits (a function, so each carried domain binds its own name)."""
+    for split in SPLITS:
+        yield from corpus.texts(domain, split)
+
+
 def cluster_corpus(
     corpus: Corpus,
     domains: list[str] | None,
@@ -510,7 +517,7 @@ def cluster_corpus(
         for c in range(k)
     ]
     sources += [
-        DomainSource(name=d, documents=(t for s in SPLITS for t in corpus.texts(d, s)),
+        DomainSource(name=d, documents=_all_texts(corpus, d),
                      source=f"{d} of {corpus.path}, carried unchanged", licence=str(src[d].get("licence", "")))
         for d in carry
     ]
