@@ -200,22 +200,20 @@ def test_merge_killed_at_seeded_moments_leaves_a_valid_forest(world, tmp_path):
 
 
 def test_average_killed_leaves_no_partial_output(world, tmp_path):
-    """`average_folders` builds its output in a hidden temporary folder renamed into place."""
-    experts = world / "reference" / "experts"
+    """`elmforest average` builds its output in a hidden temporary folder renamed into place."""
+    forest = world / "reference" / "forest"
     out = tmp_path / "avg"
-    code = (
-        "import sys; from elmforest.averaging import average_folders; "
-        f"average_folders([{str(experts / 'alpha')!r}, {str(experts / 'beta')!r}], [0.5, 0.5], 'weighted', {str(out)!r})"
-    )
+    args = [*ELMFOREST, "average", str(forest), "--method", "uniform", "--out", str(out)]
     rng = random.Random(3)
     for _ in range(3):
-        child = subprocess.Popen([sys.executable, "-c", code])
+        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(1.0, 4.0))  # python + torch import, then the averaging itself
         child.kill()
         child.wait()
         assert not out.exists() or (out / "average.json").is_file()  # absent or complete
         shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     check_ok(out)
 
 
