@@ -327,7 +327,7 @@ def train(
         step, start_step = int(state["step"]), int(state["start_step"])
         tokens, flops, seconds = int(state["tokens"]), int(state["flops"]), float(state["seconds"])
         last_loss, valid_loss, valid_step = state["last_loss"], state["valid_loss"], state["valid_step"]
-        print(f"resuming {out_dir} from the checkpoint at step {step}", flush=True)
+        print(f"continuing {out_dir} from the checkpoint at step {step}", flush=True)
     else:
         state = None
         torch.manual_seed(spec.seed)
