@@ -95,3 +95,20 @@ def test_killed_worker_is_retried_and_resumes(seeded, sequential):
         assert log.count("== elmforest job: attempt") == 2
         assert "from the checkpoint at step" in log
     shutil.rmtree(out / "killed")
+
+
+def test_experts_through_fsspec_storage_match_sequential(seeded, sequential, tmp_path):
+    """launcher.storage: workers pull each expert folder from an fsspec URL (file:// here, as
+    s3:// would be) into scratch space, train there, push it back, and the driver pulls it home."""
+    recipe, out = seeded
+    paths = branch_all(recipe, out, out / "stored")
+    url = f"file://{tmp_path / 'bucket'}"
+    config = LauncherConfig(kind="local", workers=2, threads_per_worker=1, storage=url, sync_seconds=0.2)
+    run_jobs(paths, train_expert, config, log=lambda s: None)
+    assert_same(paths, sequential)
+    for p in paths:
+        name = Path(p).name
+        assert (Path(p) / "expert.json").is_file()  # pulled home
+        assert (tmp_path / "bucket" / name / "expert.json").is_file()
+        assert (tmp_path / "bucket" / name / "train_state.pt").is_file()
+        assert not list((tmp_path / "bucket" / name).glob("*.partial"))

@@ -99,6 +99,12 @@ class LauncherConfig(_Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
     slurm: dict[str, Any] = Field(default_factory=dict, description="submitit executor parameters.")
+    storage: str | None = Field(
+        None,
+        description="fsspec URL (s3://bucket/run, gs://..., file:///shared/run) holding the expert folders "
+        "between trainings, for nodes without a shared filesystem; unset: the run folder itself.",
+    )
+    sync_seconds: float = Field(60.0, gt=0, description="How often a worker pushes its expert folder to storage.")
 
 
 class ArmsConfig(_Strict):

@@ -133,6 +133,15 @@ def run_jobs(
         require(Path(path).is_dir(), "expert folder not found", path)
     if not paths:
         return {}
+    if config.storage:
+        from elmforest import remote
+
+        folders = [Path(p).name for p in paths]
+        require(len(set(folders)) == len(folders), "launcher.storage needs expert folders with distinct names")
+        for p in paths:  # sync: newest checkpoint from storage first, then what only this side has
+            remote.pull(remote.join(config.storage, Path(p).name), p)
+            remote.push(p, remote.join(config.storage, Path(p).name))
+        log(f"expert folders synced to {config.storage}")
     jobs = [_Job(name, path) for name, path in zip(names, paths)]
     launch = {"sequential": _run_sequential, "local": _run_local, "ray": _run_ray, "slurm": _run_slurm}
     results: dict[str, dict] = {}
@@ -153,6 +162,9 @@ def run_jobs(
 
         retries = _Retries(config.retries, log)
         launch[config.kind](jobs, fn, config, retries, done, log)
+    if config.storage:
+        for p in paths:  # bring the trained experts home (retries' checkpoints included)
+            remote.pull(remote.join(config.storage, Path(p).name), p)
     retries.raise_failures()
     return {name: results[name] for name in names}
 
@@ -201,11 +213,34 @@ def _output_to_log(path: str, fd_level: bool) -> Iterator[None]:
                 os.close(old)
 
 
-def run_one(fn: JobFn, path: str, threads: int | None, attempt: int, fd_level: bool = True) -> dict:
+def run_one(
+    fn: JobFn,
+    path: str,
+    threads: int | None,
+    attempt: int,
+    fd_level: bool = True,
+    storage: str | None = None,
+    sync_seconds: float = 60.0,
+) -> dict:
     """Run one job the way every launcher does: torch threads set, output in train.log.
 
-    Exceptions propagate (after their traceback is written to the log).
+    With `storage` (an fsspec URL), the expert folder lives at STORAGE/<folder name>: it is pulled
+    into local scratch space, trained there, and pushed back every `sync_seconds` and at the end
+    (see elmforest.remote), so `path` need not exist on this node. Exceptions propagate (after
+    their traceback is written to the log).
     """
+    if storage:
+        from elmforest import remote
+
+        url = remote.join(storage, Path(path).name)
+        scratch = remote.scratch_dir(Path(path).name)
+        try:
+            remote.pull(url, scratch)
+            with remote.Pusher(scratch, url, sync_seconds):
+                return run_one(fn, str(scratch), threads, attempt, fd_level)
+        finally:
+            remote.drop_scratch(scratch)
+
     import torch
 
     before = torch.get_num_threads()
@@ -234,7 +269,7 @@ def _run_sequential(
         while True:
             job.attempts += 1
             try:
-                result = run_one(fn, job.path, threads, job.attempts, fd_level=False)
+                result = run_one(fn, job.path, threads, job.attempts, False, config.storage, config.sync_seconds)
             except Exception as e:  # KeyboardInterrupt propagates
                 if retries.should_retry(job, _describe(e)):
                     continue
@@ -246,12 +281,12 @@ def _run_sequential(
 # --- local worker processes ------------------------------------------------------------------------
 
 
-def _local_worker(fn: JobFn, path: str, threads: int, attempt: int, conn) -> None:
+def _local_worker(fn: JobFn, path: str, threads: int, attempt: int, conn, storage=None, sync_seconds=60.0) -> None:
     """Body of one spawned worker: run the job and send ("ok", result) or ("error", reason)."""
     # Ctrl-C reaches the whole process group; the parent alone handles it and terminates us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        message = ("ok", run_one(fn, path, threads, attempt))
+        message = ("ok", run_one(fn, path, threads, attempt, True, storage, sync_seconds))
     except BaseException as e:
         message = ("error", _describe(e))
     with contextlib.suppress(OSError):  # the parent may be gone already
@@ -283,7 +318,7 @@ def _run_local(
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_local_worker,
-                    args=(fn, job.path, threads, job.attempts, writer),
+                    args=(fn, job.path, threads, job.attempts, writer, config.storage, config.sync_seconds),
                     name=f"elmforest-{job.name}",
                     daemon=True,
                 )
@@ -321,8 +356,8 @@ def _run_local(
 # --- Ray -------------------------------------------------------------------------------------------
 
 
-def _ray_task(fn: JobFn, path: str, threads: int, attempt: int) -> dict:
-    return run_one(fn, path, threads, attempt)
+def _ray_task(fn: JobFn, path: str, threads: int, attempt: int, storage=None, sync_seconds=60.0) -> dict:
+    return run_one(fn, path, threads, attempt, True, storage, sync_seconds)
 
 
 def _run_ray(
@@ -356,7 +391,7 @@ def _run_ray(
 
         def submit(job: _Job) -> None:
             job.attempts += 1
-            pending[remote.remote(fn, job.path, threads, job.attempts)] = job
+            pending[remote.remote(fn, job.path, threads, job.attempts, config.storage, config.sync_seconds)] = job
 
         for job in jobs:
             submit(job)
@@ -411,7 +446,7 @@ def _run_slurm(
     def submit(job: _Job) -> None:
         job.attempts += 1
         executor.update_parameters(name=f"elmforest-{job.name}")
-        active[executor.submit(run_one, fn, job.path, threads, job.attempts)] = job
+        active[executor.submit(run_one, fn, job.path, threads, job.attempts, True, config.storage, config.sync_seconds)] = job
 
     for job in jobs:
         submit(job)
