@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from cli_runner import run_cli as run
 from elmforest.averaging import average_state_dicts
-from elmforest.cli import main
 from elmforest.corpus import Corpus, DomainSource, write_corpus
 from elmforest.forest import Forest
 from elmforest.models import arch_hash, load_model, save_model
@@ -83,17 +83,6 @@ def built(tmp_path_factory):
             forest = Forest.create(root / "forest", tok, meta["tokenizer_hash"], meta["arch_hash"])
         forest.merge(folder)
     return root, corpus_dir, root / "forest"
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process -> (exit status, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def run_ok(argv, capsys) -> str:

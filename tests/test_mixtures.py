@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
+from cli_runner import run_cli
 from elmforest import phases
 from elmforest.checkpoint import load_train_state
 from elmforest.cli import main
@@ -35,16 +36,6 @@ from tinydata import make_corpus, tiny_recipe, write_recipe
 
 torch.set_num_threads(1)
 BTX_TOKENS = 1024
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
