@@ -181,23 +181,6 @@ def branch_grown_expert(
     return expert_dir
 
 
-def train_pending(recipe: Recipe, expert_dirs: list[Path], log: Log) -> None:
-    """Train the folders without expert.json with the recipe's launcher (resumable)."""
-    from elmforest.launchers import run_jobs
-
-    pending = [str(p) for p in expert_dirs if not (Path(p) / EXPERT_JSON).is_file()]
-    if pending:
-        names = [f"{Path(p).parent.name}/{Path(p).name}" for p in pending]
-        log(f"training {len(pending)} experts ({recipe.launcher.kind} launcher): {', '.join(names)}")
-        run_jobs(pending, phases.train_expert, recipe.launcher, names=names, log=log)
-
-
-def merge_once(forest: Forest, expert_dir: Path) -> None:
-    """Merge unless the forest already holds an expert of that name (a resumed run)."""
-    if read_expert(expert_dir)["name"] not in forest.names:
-        forest.merge(expert_dir)
-
-
 def default_expert_dir(run_dir: Path, domain: str, init: str) -> Path:
     return Path(run_dir) / ("experts" if init == "mixture" else f"experts_{init}init") / domain
 
@@ -225,8 +208,8 @@ def grow_expert(
         log(f"{domain} is already in {forest_dir}")
     else:
         branch_grown_expert(rec, run_dir, forest_dir, domain, expert_dir, top_k=top_k, init=init)
-        train_pending(rec, [expert_dir], log)
-        merge_once(forest, expert_dir)
+        phases.train_pending(rec, [expert_dir], log)
+        phases.merge_once(forest, expert_dir)
     meta = read_expert(expert_dir)
     return {**meta, "grow": read_json(expert_dir / GROW_JSON, GROW_JSON)}
 
@@ -239,8 +222,7 @@ def forest_scores(
     models: list[torch.nn.Module], test: torch.Tensor, valid: torch.Tensor, recipe: Recipe, average: bool = True
 ) -> tuple[dict[str, float], list[float]]:
     """NLL of the cached-prior ensemble (and of the posterior-weighted average) -> ({method: nll}, prior)."""
-    from elmforest.averaging import average_state_dicts
-    from elmforest.results import batched_logprobs, ema_prior, load_model_like, mixture_nll, nll_of
+    from elmforest.results import averaged_model, batched_logprobs, ema_prior, mixture_nll, nll_of
 
     e = recipe.eval
     lp = batched_logprobs(models, test, e.batch_size)  # [n, N, T]
@@ -248,10 +230,8 @@ def forest_scores(
     prior, _ = ema_prior(vlp, e.prior_batch, e.prior_alpha, e.posterior)
     out = {"ensemble_cached": mixture_nll(lp, prior, e.posterior)}
     if average:
-        merged = average_state_dicts([m.state_dict() for m in models], prior.tolist(), "weighted")
-        avg = load_model_like(models[0])
-        avg.load_state_dict(merged)
-        out["average_posterior"] = nll_of(batched_logprobs([avg.eval()], test, e.batch_size)[0])
+        avg = averaged_model(models, prior.tolist())
+        out["average_posterior"] = nll_of(batched_logprobs([avg], test, e.batch_size)[0])
     return out, prior.tolist()
 
 
@@ -284,9 +264,9 @@ def _build_forest(forest_dir: Path, tok: Path, previous: Path | None, experts: l
     if previous is not None:
         prev = Forest(previous)
         for n in prev.names:
-            merge_once(forest, prev.expert_dir(n))
+            phases.merge_once(forest, prev.expert_dir(n))
     for p in experts:
-        merge_once(forest, p)
+        phases.merge_once(forest, p)
     return forest
 
 
@@ -418,7 +398,7 @@ def run_rounds(
             for d in rc.domains:
                 job = phases.expert_job(first, out, d, {"kind": "domain", "domain": d})
                 paths.append(phases.branch_expert(out / "experts" / d, job, from_seed=phases.seed_dir(out)))
-            train_pending(first, paths, log)
+            phases.train_pending(first, paths, log)
             arms["forest"] = _build_forest(rdir / "forest", tok, None, paths).path
         else:
             previous = round_dir(out, r - 1) / "forest"
@@ -430,7 +410,7 @@ def run_rounds(
                 seeded.append(branch_grown_expert(first, out, previous, d, out / "experts_seedinit" / d,
                                                   init="seed", models=models))
             del models
-            train_pending(first, [*grown, *seeded], log)
+            phases.train_pending(first, [*grown, *seeded], log)
             arms["forest"] = _build_forest(rdir / "forest", tok, previous, grown).path
             arms["forest_seedinit"] = _build_forest(rdir / "forest_seedinit", tok, previous, seeded).path
         dense = None

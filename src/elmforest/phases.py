@@ -18,6 +18,7 @@ and it runs the same number of steps as the dense continuation, so
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from elmforest.config import Recipe
 from elmforest.corpus import Corpus, check_domain_name
 from elmforest.errors import ElmError
 from elmforest.evaluate import eval_windows
-from elmforest.forest import EXPERT_JSON, read_json
+from elmforest.forest import EXPERT_JSON, read_expert, read_json
 from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, load_model, resolve_spec
 from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
 from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
@@ -473,3 +474,20 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
     }
     storage.write_json(done, meta)
     return meta
+
+
+def train_pending(recipe: Recipe, expert_dirs: list[Path], log: Callable[[str], None]) -> None:
+    """Train the expert folders that have no expert.json yet with the recipe's launcher (resumable)."""
+    from elmforest.launchers import run_jobs
+
+    pending = [str(p) for p in expert_dirs if not (Path(p) / EXPERT_JSON).is_file()]
+    if pending:
+        names = [f"{Path(p).parent.name}/{Path(p).name}" for p in pending]
+        log(f"training {len(pending)} experts ({recipe.launcher.kind} launcher): {', '.join(names)}")
+        run_jobs(pending, train_expert, recipe.launcher, names=names, log=log)
+
+
+def merge_once(forest, expert_dir: Path) -> None:
+    """Merge unless the forest already holds an expert of that name (a resumed run)."""
+    if read_expert(expert_dir)["name"] not in forest.names:
+        forest.merge(expert_dir)

@@ -102,17 +102,10 @@ class Scorer:
         self.uniform_average = None
         if "btm" in self.forests:
             models = self.forests["btm"][1]
-            self.uniform_average = self._averaged(models, None)
+            self.uniform_average = averaged_model(models, None)
         vocab = len(read_json(tokenizer_dir / "tokenizer.json", "tokenizer")["model"]["vocab"]) + 1
         self.train_arrays = [token_array(self.corpus, tokenizer_dir, d, "train") for d in recipe.train_domains]
         self.vocab = max(vocab, max(int(a.max()) for a in self.train_arrays) + 1)
-
-    def _averaged(self, models: list[torch.nn.Module], weights: list[float] | None) -> torch.nn.Module:
-        states = [m.state_dict() for m in models]
-        merged = average_state_dicts(states, weights, "uniform" if weights is None else "weighted")
-        out = load_model_like(models[0])
-        out.load_state_dict(merged)
-        return out.eval()
 
     def windows(self, domain: str, split: str, max_tokens: int) -> torch.Tensor:
         try:
@@ -149,7 +142,7 @@ class Scorer:
                     if k <= n:  # top-n is the full cached ensemble
                         nll[f"btm_ensemble_cached_top{k}"] = mixture_nll(lp, top_k_prior(prior, k), e.posterior)
                 nll["btm_average_uniform"] = nll_of(batched_logprobs([self.uniform_average], test, e.batch_size)[0])
-                posterior_avg = self._averaged(models, prior.tolist())
+                posterior_avg = averaged_model(models, prior.tolist())
                 nll["btm_average_posterior"] = nll_of(batched_logprobs([posterior_avg], test, e.batch_size)[0])
             if self.demix is not None:
                 model, domains = self.demix
@@ -161,6 +154,14 @@ class Scorer:
                 nll["demix_cached"] = nll_of(lp)
         nll["unigram"] = unigram_nll(self.train_arrays, self.vocab, test)
         return out
+
+
+def averaged_model(models: list[torch.nn.Module], weights: list[float] | None) -> torch.nn.Module:
+    """One in-memory model whose parameters are the (uniform when weights is None) weighted mean."""
+    merged = average_state_dicts([m.state_dict() for m in models], weights, "uniform" if weights is None else "weighted")
+    out = load_model_like(models[0])
+    out.load_state_dict(merged)
+    return out.eval()
 
 
 def load_model_like(model: torch.nn.Module) -> torch.nn.Module:

@@ -75,23 +75,17 @@ def _train_forest(
     log: Callable[[str], None],
 ) -> Forest:
     """Branch every expert from the seed, train them with the recipe's launcher, merge them."""
-    from elmforest.launchers import run_jobs
-
     experts_dir = out / ("experts" if arm == "btm" else "random_experts")
     forest_dir = out / ("forest" if arm == "btm" else "random_forest")
     paths = []
     for name, data in jobs:
         job = phases.expert_job(recipe, out, name, data)
-        paths.append(str(phases.branch_expert(experts_dir / name, job, from_seed=phases.seed_dir(out))))
-    pending = [p for p in paths if not (Path(p) / "expert.json").is_file()]
-    if pending:
-        log(f"{arm}: training {len(pending)} experts ({recipe.launcher.kind} launcher)")
-        run_jobs(pending, phases.train_expert, recipe.launcher, names=[Path(p).name for p in pending], log=log)
+        paths.append(phases.branch_expert(experts_dir / name, job, from_seed=phases.seed_dir(out)))
+    phases.train_pending(recipe, paths, log)
     meta = read_expert(paths[0])
     forest = Forest.create(forest_dir, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
     for p in paths:
-        if Path(p).name not in forest.names:
-            forest.merge(p)
+        phases.merge_once(forest, p)
     return forest
 
 
