@@ -43,7 +43,7 @@ from elmforest.corpus import Corpus
 from elmforest.errors import ElmError, require
 from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
-from elmforest.models import SIZES, load_model
+from elmforest.models import SIZES, copy_tokenizer_files, load_model
 from elmforest.sampler import BalancedSampler
 from elmforest.scoring import (
     ExpertPool,
@@ -175,7 +175,7 @@ def train_demix(
             init = {"optimizer": opt_state, "step": int(state["step"])}
         else:  # seed_fraction 0: DEMix from the initial weights, fresh AdamW
             model = demix.to_demix(dense, len(domains))
-    phases.save_model_files_once(out, tok)
+    copy_tokenizer_files(tok, out, overwrite=False)
 
     def route(ids: torch.Tensor) -> None:
         demix.set_domains(model, ids)
@@ -344,7 +344,7 @@ def mix_forest(forest_dir: str | Path, out: str | Path, **options: Any) -> dict[
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    phases.save_model_files_once(out, Forest(forest_dir).tokenizer_dir)
+    copy_tokenizer_files(Forest(forest_dir).tokenizer_dir, out, overwrite=False)
     storage.write_json(out / MIX_JSON, meta)
     return meta
 

@@ -180,11 +180,19 @@ def save_model(model: PreTrainedModel, path: str | Path, tokenizer_dir: str | Pa
     path = Path(path)
     save_weights(model, path)
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                with storage.atomic_path(path / name) as tmp:
-                    shutil.copyfile(src, tmp)
+        copy_tokenizer_files(tokenizer_dir, path)
+
+
+def copy_tokenizer_files(tokenizer_dir: str | Path, folder: str | Path, overwrite: bool = True) -> None:
+    """Copy a tokenizer's files into a (model) folder, each atomically, so AutoTokenizer loads it
+    from there; with overwrite=False, files the folder already has are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.is_file() and (overwrite or not (folder / name).is_file()):
+            with storage.atomic_path(folder / name) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 # Config fields that define the architecture (two models with equal values can be averaged and

@@ -32,7 +32,7 @@ from elmforest.corpus import Corpus, check_domain_name
 from elmforest.errors import ElmError
 from elmforest.evaluate import eval_windows
 from elmforest.forest import EXPERT_JSON, read_expert, read_json
-from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, load_model, resolve_spec
+from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, copy_tokenizer_files, load_model, resolve_spec
 from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
 from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
 from elmforest.tokens import token_array
@@ -162,9 +162,7 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Path:
         src = Path(recipe.tokenizer.path)
         load_tokenizer(src)  # validates the folder, naming any missing file
         with storage.atomic_dir(out) as tmp:
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copy2(src / name, tmp / name)
+            copy_tokenizer_files(src, tmp)
         return out
     corpus = Corpus(recipe.corpus)
     train_tokenizer(
@@ -248,7 +246,7 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     spec = train_spec(recipe, budget, budget.dense_micro_batches)
     dense = dense_dir(run_dir)
     model = initial_model(recipe, tok)
-    save_model_files_once(dense, tok)
+    copy_tokenizer_files(tok, dense, overwrite=False)
     result = {}
     if not (seed_dir(run_dir) / SEED_JSON).is_file():
         result = train(model, sampler, spec, dense, stop_at_step=budget.seed_steps, valid_batches=valid, progress=progress)
@@ -259,16 +257,6 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
         result = train(model, sampler, spec, dense, valid_batches=valid, progress=progress)
         storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
     return result
-
-
-def save_model_files_once(folder: Path, tokenizer_dir: Path) -> None:
-    """Copy the tokenizer files into a model folder so it loads with AutoTokenizer too."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        src = tokenizer_dir / name
-        if src.is_file() and not (folder / name).is_file():
-            with storage.atomic_path(folder / name) as tmp:
-                shutil.copyfile(src, tmp)
 
 
 def snapshot_seed(run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], recipe: Recipe) -> Path:
@@ -399,7 +387,7 @@ def branch_expert(
         dirs = [Path(d) for d, _ in from_experts]
         weights = [float(w) for _, w in from_experts]
         average_folders(dirs, weights, "weighted", expert_dir)
-        save_model_files_once(expert_dir, tok)
+        copy_tokenizer_files(tok, expert_dir, overwrite=False)
         job = _fresh_schedule(job)
     storage.write_json(expert_dir / JOB_JSON, job)
     return expert_dir

@@ -255,7 +255,7 @@ def average(
     merged = sum_i w_i expert_i tensor by tensor (or a seed-relative merge); the folder holds weights, config, tokenizer files and average.json, and loads with from_pretrained.
     """
     from elmforest.averaging import AVERAGING_METHODS, AverageOptions, average_folders, resolve_weights
-    from elmforest.models import TOKENIZER_FILES
+    from elmforest.models import copy_tokenizer_files
 
     require(method in AVERAGING_METHODS, f"--method {method!r}: choose one of {', '.join(AVERAGING_METHODS)}")
     require(not out.exists(), "output folder already exists; choose a new --out", out)
@@ -291,9 +291,7 @@ def average(
     options = AverageOptions(normalise=normalise, scale=scale, density=density)
     with storage.atomic_dir(out) as staging:
         built = average_folders([forest.expert_dir(n) for n in names], vector, method, staging / "merged", seed_dir, options)
-        for name in TOKENIZER_FILES:  # expert folders usually carry them; the forest always does
-            if not (built / name).is_file():
-                storage.write_bytes(built / name, (forest.tokenizer_dir / name).read_bytes())
+        copy_tokenizer_files(forest.tokenizer_dir, built, overwrite=False)  # experts usually carry them; the forest always does
         info = json.loads((built / "average.json").read_text(encoding="utf-8"))
         info.update(forest=str(forest_path), expert_names=names, prior=record.to_json() if record else None)
         storage.write_json(built / "average.json", info)
