@@ -73,19 +73,37 @@ class OptimConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """How perplexity and the cached prior are computed."""
+    """How perplexity, the cached prior and the intervals are computed."""
 
-    max_tokens_per_domain: int = Field(20_000, gt=0, description="Test tokens scored per domain.")
-    prior_sequences: int = Field(100, gt=0, description="Valid windows used to estimate the cached prior.")
+    max_tokens_per_domain: int = Field(
+        20_000, gt=0, description="Test tokens scored per domain: windows drawn at random from the whole test split."
+    )
+    prior_sequences: int = Field(
+        100, gt=0, description="Valid windows (drawn from the whole valid split) used to estimate the cached prior."
+    )
     prior_batch: int = Field(4, gt=0, description="Windows per batch in the prior's moving average.")
     prior_alpha: float = Field(0.3, gt=0, le=1, description="EMA weight of each new batch mean.")
-    posterior: Literal["one_step", "full_prefix"] = Field(
-        "one_step", description="Per-position posterior: the reference code's one-step form or the paper's."
+    posterior: str = Field(
+        "one_step", description="Per-position posterior (ensemble.POSTERIORS, one that updates): one_step "
+        "(the reference code), full_prefix (the paper's formula) or decayed."
+    )
+    window_seed: int = Field(0, description="Seed of the test and valid window draw (the same for every method and run).")
+    bootstrap_resamples: int = Field(
+        1000, ge=10, description="Paired bootstrap resamples (over test documents, and seeds) for the 95% intervals."
     )
     batch_size: int = Field(8, gt=0)
     valid_windows_per_domain: int = Field(
         16, gt=0, description="Valid windows per domain scored during training (the compute curves)."
     )
+
+    @field_validator("posterior")
+    @classmethod
+    def _known_posterior(cls, v: str) -> str:
+        from elmforest.ensemble import UPDATING_POSTERIORS  # the registry (imports torch: only when validating)
+
+        if v not in UPDATING_POSTERIORS:
+            raise ValueError(f"unknown posterior {v!r}; choose one of {', '.join(UPDATING_POSTERIORS)}")
+        return v
 
 
 class LauncherConfig(_Strict):
@@ -115,6 +133,20 @@ class ArmsConfig(_Strict):
     demix: bool = False
     btx: bool = False
     btx_tokens: int = Field(0, ge=0, description="Extra fine-tuning tokens for BTX (reported separately).")
+    dense_multiples: list[float] = Field(
+        default_factory=list,
+        description="Compute multiples k > 1: dense LMs trained from scratch on k x the budget (each with its own "
+        "full schedule), to measure how much compute dense needs to match the forest (results.json compute_to_match).",
+    )
+
+    @field_validator("dense_multiples")
+    @classmethod
+    def _multiples(cls, v: list[float]) -> list[float]:
+        if any(k <= 1 for k in v):
+            raise ValueError("each multiple must be > 1 (multiple 1 is the dense arm itself)")
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate multiple")
+        return sorted(v)
 
 
 class RoundConfig(_Strict):
@@ -137,7 +169,24 @@ class Recipe(_Strict):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     arms: ArmsConfig = Field(default_factory=ArmsConfig)
     rounds: list[RoundConfig] = Field(default_factory=list)
+    seeds: list[int] | None = Field(
+        None,
+        description="Training seeds: each changes every arm's initialisation and data order (optim.seed); with more "
+        "than one, RUN/seed-<s>/ holds each seed's study and the intervals cover seeds too. Default: [optim.seed].",
+    )
     out: str = Field("runs/study", description="Output folder of `elmforest run`.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("seeds must be a non-empty list without duplicates")
+        return v
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The training seeds of the study (`seeds`, else the one optim.seed)."""
+        return list(self.seeds) if self.seeds else [self.optim.seed]
 
     @field_validator("train_domains", "novel_domains")
     @classmethod

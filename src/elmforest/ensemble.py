@@ -5,17 +5,23 @@ The mixture's next-token probability is
     p(x_t | x_<t) = sum_j w_j(t) * p_j(x_t | x_<t),      w_j(t) = P(D=j | x_<t)
 
 and everything below is done in log space: log p = logsumexp_j(log w_j(t) + log p_j(x_t | x_<t)).
-The per-position weights come from a prior over experts and a *posterior mode*:
+The per-position weights come from a prior over experts and a *posterior* (a rule in the
+`POSTERIORS` registry), each computing an *evidence* term from the experts' log-probs of the
+tokens already seen:
 
     full_prefix  (the paper)         log w_j(t) ∝ log prior_j + sum_{s<t} log p_j(x_s | x_<s)
     one_step     (the reference code) log w_j(t) ∝ log prior_j + log p_j(x_{t-1} | x_<t-1)
+    decayed      (gamma in [0, 1])    log w_j(t) ∝ log prior_j + sum_{s<t} gamma^(t-1-s) log p_j(x_s | x_<s)
     prior        (no update)          log w_j(t) ∝ log prior_j
-    uniform                           w_j(t) = 1/k over the experts that run
+    uniform      (fixed weights)      w_j(t) = 1/k over the experts that run
 
 normalised over experts at every position; position 1 (the first predicted token, whose only
-context is the window's first token) uses the prior alone. On novel text the full-prefix
-posterior locks onto one expert within a window; the one-step posterior stays near the prior
-and scored best in the pilot (shared/PILOT.md), so it is the default.
+context is the window's first token) uses the prior alone. `Mixing` adds the settings tuned on
+validation data (`elmforest.mixing`): a temperature dividing the evidence, a floor of uniform
+weight, w <- (1 - floor) w + floor / k, the decay gamma of `decayed` (gamma = 0 is one_step,
+gamma = 1 full_prefix), and whether the seed joins the experts as a generalist member. On novel
+text the full-prefix posterior locks onto one expert within a window; the one-step posterior
+stays near the prior and scored best in the pilot (shared/PILOT.md), so it is the default.
 
 Priors: `cached_prior` runs the experts on validation windows of the evaluation domain and
 smooths the batch-mean posterior with an exponential moving average (the reference code:
@@ -30,7 +36,10 @@ windows reach thousands of nats, where float32 loses the differences between exp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,17 +47,121 @@ from torch import nn
 from elmforest.errors import ElmError, require
 from elmforest.evaluate import token_logprobs
 
-POSTERIORS = ("one_step", "full_prefix", "prior", "uniform")
+Evidence = Callable[[torch.Tensor, "Mixing"], torch.Tensor]  # lp [k, ..., T] float64 -> evidence [k, ..., T]
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """Settings on top of a posterior, chosen per domain on validation data (`elmforest.mixing`).
+
+    The defaults change nothing: temperature 1, no floor, the posterior's own decay, no seed.
+    """
+
+    temperature: float = 1.0
+    """Divides the evidence: > 1 flattens the posterior towards the prior, < 1 sharpens it."""
+    floor: float = 0.0
+    """Weight spread uniformly over the k running members: w <- (1 - floor) w + floor / k."""
+    decay: float = 0.0
+    """Evidence decay gamma of the `decayed` posterior (0: one-step, 1: full prefix)."""
+    with_seed: bool = False
+    """The seed joins the mixture as one more (generalist) member; callers that hold it add it."""
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(0.0 <= self.floor <= 1.0, f"floor must be in [0, 1], got {self.floor}")
+        require(0.0 <= self.decay <= 1.0, f"decay must be in [0, 1], got {self.decay}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "floor": self.floor, "decay": self.decay, "with_seed": self.with_seed}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "Mixing":
+        data = data or {}
+        return cls(
+            temperature=float(data.get("temperature", 1.0)),
+            floor=float(data.get("floor", 0.0)),
+            decay=float(data.get("decay", 0.0)),
+            with_seed=bool(data.get("with_seed", False)),
+        )
+
+
+NO_MIXING = Mixing()
+
+
+def _shifted(lp: torch.Tensor) -> torch.Tensor:
+    """lp(t-1) at position t, 0 at the first position: [k, ..., T] -> [k, ..., T]."""
+    return torch.cat([torch.zeros_like(lp[..., :1]), lp[..., :-1]], dim=-1)
+
+
+def one_step_evidence(lp: torch.Tensor, mixing: Mixing) -> torch.Tensor:
+    """evidence(t) = log p_j(x_{t-1}): the previous token's likelihood."""
+    return _shifted(lp)
+
+
+def full_prefix_evidence(lp: torch.Tensor, mixing: Mixing) -> torch.Tensor:
+    """evidence(t) = sum_{s<t} log p_j(x_s): an exclusive prefix sum."""
+    return _shifted(lp).cumsum(-1)
+
+
+def decayed_evidence(lp: torch.Tensor, mixing: Mixing) -> torch.Tensor:
+    """evidence(t) = sum_{s<t} gamma^(t-1-s) log p_j(x_s), gamma = mixing.decay.
+
+    As one matrix product: evidence = lp @ D with D[s, t] = gamma^(t-1-s) for s < t, else 0
+    ([T, T]; 0^0 = 1, so gamma = 0 gives the one-step evidence and gamma = 1 the full prefix).
+    """
+    T = lp.shape[-1]
+    s = torch.arange(T, dtype=lp.dtype).unsqueeze(1)
+    t = torch.arange(T, dtype=lp.dtype).unsqueeze(0)
+    exponent = t - 1 - s  # [T, T]
+    decay = torch.where(exponent >= 0, torch.tensor(mixing.decay, dtype=lp.dtype).pow(exponent.clamp(min=0)), 0.0)
+    return lp @ decay
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """A per-position weighting rule; `POSTERIORS` holds every one the tool knows."""
+
+    name: str
+    evidence: Evidence | None
+    """The evidence from the tokens seen so far; None: the weights never move with the text."""
+    uses_prior: bool
+    """False: fixed uniform weights over the experts that run, whatever the prior."""
+    help: str
+
+    @property
+    def updates(self) -> bool:
+        """Does the weight move with the text? Only such a posterior can estimate a cached prior."""
+        return self.evidence is not None
+
+
+POSTERIORS: dict[str, Posterior] = {
+    p.name: p
+    for p in (
+        Posterior("one_step", one_step_evidence, True, "previous token's likelihood (the reference code)"),
+        Posterior("full_prefix", full_prefix_evidence, True, "the whole prefix's likelihood (the paper's formula)"),
+        Posterior("decayed", decayed_evidence, True, "the prefix's likelihood decayed by --decay per token"),
+        Posterior("prior", None, True, "the prior alone, no per-token update"),
+        Posterior("uniform", None, False, "fixed 1/k weights over the experts that run"),
+    )
+}
+UPDATING_POSTERIORS = tuple(name for name, p in POSTERIORS.items() if p.updates)
+
+
+def posterior_help() -> str:
+    """One line per registered posterior, for --help texts."""
+    return "; ".join(f"{name}: {p.help}" for name, p in POSTERIORS.items())
+
 
 ExpertLogprobFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T+1] -> [k, B, T]
 Experts = Sequence[nn.Module] | ExpertLogprobFn
 PriorLike = torch.Tensor | Sequence[float]
 
 
-def check_posterior(posterior: str) -> None:
-    """Refuse an unknown posterior mode, naming the known ones."""
+def check_posterior(posterior: str) -> Posterior:
+    """The registered posterior of that name; an unknown name is refused, naming the known ones."""
     if posterior not in POSTERIORS:
         raise ElmError(f"unknown posterior {posterior!r}; choose one of {', '.join(POSTERIORS)}")
+    return POSTERIORS[posterior]
 
 
 def normalise_prior(prior: PriorLike | None, n: int) -> torch.Tensor:
@@ -85,29 +198,32 @@ def expert_logprobs(models: Sequence[nn.Module], tokens: torch.Tensor) -> torch.
 
 
 def posterior_log_weights(
-    expert_lp: torch.Tensor, log_prior: torch.Tensor, posterior: str
+    expert_lp: torch.Tensor, log_prior: torch.Tensor, posterior: str, mixing: Mixing = NO_MIXING
 ) -> torch.Tensor:
     """Normalised log w_j(t) for predicting token t from tokens < t -> float64 [k, B, T].
 
     expert_lp [k, B, T] holds log p_j(x_t | x_<t); log_prior [k] (may hold -inf).
+    log w_j(t) = log prior_j + evidence_j(t) / temperature, normalised over j, then mixed with
+    `mixing.floor` of uniform weight.
     """
-    check_posterior(posterior)
+    rule = check_posterior(posterior)
     lp = expert_lp.double()
-    zero = torch.zeros_like(lp[..., :1])  # position 1 sees no scored token: the prior alone
-    if posterior == "full_prefix":
-        # evidence(t) = sum_{s<t} lp(s): exclusive prefix sum
-        evidence = torch.cat([zero, lp[..., :-1].cumsum(-1)], dim=-1)
-    elif posterior == "one_step":
-        evidence = torch.cat([zero, lp[..., :-1]], dim=-1)  # evidence(t) = lp(t-1)
-    else:
-        evidence = torch.zeros_like(lp)
-    if posterior == "uniform":
+    if not rule.uses_prior:
         log_prior = torch.zeros_like(log_prior)
-    logw = log_prior.to(lp).view(-1, *([1] * (lp.ndim - 1))) + evidence
-    return logw - torch.logsumexp(logw, dim=0, keepdim=True)
+    logw = log_prior.to(lp).view(-1, *([1] * (lp.ndim - 1))).expand_as(lp)
+    if rule.evidence is not None:
+        logw = logw + rule.evidence(lp, mixing) / mixing.temperature
+    logw = logw - torch.logsumexp(logw, dim=0, keepdim=True)
+    if mixing.floor > 0:
+        k = lp.shape[0]
+        floor = torch.full_like(logw, math.log(mixing.floor / k))
+        logw = torch.logaddexp(logw + math.log1p(-mixing.floor), floor) if mixing.floor < 1 else floor
+    return logw
 
 
-def next_log_weights(history_lp: torch.Tensor, log_prior: torch.Tensor, posterior: str) -> torch.Tensor:
+def next_log_weights(
+    history_lp: torch.Tensor, log_prior: torch.Tensor, posterior: str, mixing: Mixing = NO_MIXING
+) -> torch.Tensor:
     """Normalised log weights for the token *after* a scored history [k, ..., t] -> [k, ...].
 
     Used while generating: the weights at position t+1 depend only on positions <= t, so a
@@ -115,7 +231,7 @@ def next_log_weights(history_lp: torch.Tensor, log_prior: torch.Tensor, posterio
     """
     placeholder = history_lp.new_zeros((*history_lp.shape[:-1], 1))
     padded = torch.cat([history_lp, placeholder], dim=-1)
-    return posterior_log_weights(padded, log_prior, posterior)[..., -1]
+    return posterior_log_weights(padded, log_prior, posterior, mixing)[..., -1]
 
 
 def mix_logprobs(expert_lp: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
@@ -127,15 +243,23 @@ class Ensemble:
     """A domain-posterior mixture of causal LMs.
 
     models: the experts (Hugging Face causal LMs, put in eval mode); prior: a vector over them
-    (uniform when None; normalised); posterior: one of POSTERIORS. Experts with zero prior are
-    never run ("uniform" spreads weight over the experts that do run).
+    (uniform when None; normalised); posterior: one of POSTERIORS; mixing: temperature, floor and
+    decay (its `with_seed` is the caller's business: pass the seed among the models). Experts with
+    zero prior are never run ("uniform" spreads weight over the experts that do run).
     """
 
-    def __init__(self, models: Sequence[nn.Module], prior: PriorLike | None = None, posterior: str = "one_step"):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        prior: PriorLike | None = None,
+        posterior: str = "one_step",
+        mixing: Mixing = NO_MIXING,
+    ):
         check_posterior(posterior)
         self.models = list(models)
         self.prior = normalise_prior(prior, len(self.models))  # float64 [n]
         self.posterior = posterior
+        self.mixing = mixing
         self.active = [j for j in range(len(self.models)) if self.prior[j] > 0]
         for m in self.models:
             m.eval()
@@ -145,7 +269,7 @@ class Ensemble:
         return expert_logprobs([self.models[j] for j in self.active], tokens)
 
     def _active_log_weights(self, expert_lp: torch.Tensor) -> torch.Tensor:
-        return posterior_log_weights(expert_lp, self.prior[self.active].log(), self.posterior)
+        return posterior_log_weights(expert_lp, self.prior[self.active].log(), self.posterior, self.mixing)
 
     def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mixture log p(x_t | x_<t) for t = 1..T: tokens [B, T+1] -> float32 [B, T]."""
@@ -180,6 +304,7 @@ def _ema_walk(
     alpha: float,
     posterior: str,
     prior: PriorLike | None,
+    mixing: Mixing = NO_MIXING,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The reference code's moving-average prior, batch by batch.
 
@@ -198,7 +323,7 @@ def _ema_walk(
         lp = fn(windows[start : start + batch_size])  # [n, b, T]
         if current is None:
             current = normalise_prior(prior, lp.shape[0])
-        logw = posterior_log_weights(lp, current.log(), posterior)
+        logw = posterior_log_weights(lp, current.log(), posterior, mixing)
         batch_mean = logw.exp().mean(dim=(1, 2)).cpu()  # [n]
         current = (1 - alpha) * current + alpha * batch_mean
         yield lp, logw, current
@@ -211,6 +336,7 @@ def cached_prior(
     alpha: float = 0.3,
     posterior: str = "one_step",
     return_history: bool = False,
+    mixing: Mixing = NO_MIXING,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """The cached prior over experts from validation windows of the evaluation domain.
 
@@ -223,7 +349,7 @@ def cached_prior(
     """
     history: list[torch.Tensor] = []
     final: torch.Tensor | None = None
-    for lp, _logw, final in _ema_walk(experts, windows, batch_size, alpha, posterior, None):
+    for lp, _logw, final in _ema_walk(experts, windows, batch_size, alpha, posterior, None, mixing):
         if not history:
             history.append(normalise_prior(None, lp.shape[0]))
         history.append(final)
@@ -238,10 +364,11 @@ def updating_logprobs(
     alpha: float = 0.3,
     posterior: str = "one_step",
     prior: PriorLike | None = None,
+    mixing: Mixing = NO_MIXING,
 ) -> torch.Tensor:
     """Mixture log-probs [N, T] under the *updating* prior: the cached-prior moving average run
     over the test windows themselves, scoring batch b with the prior after batches < b (so no
     window sees its own tokens through the prior). Starts from `prior` (uniform when None)."""
-    walk = _ema_walk(experts, windows, batch_size, alpha, posterior, prior)
+    walk = _ema_walk(experts, windows, batch_size, alpha, posterior, prior, mixing)
     out = [mix_logprobs(lp, logw) for lp, logw, _ in walk]
     return torch.cat(out, dim=0)

@@ -1,7 +1,7 @@
 """Perplexity on fixed evaluation windows.
 
 Every method (one expert, the dense model, an ensemble, an averaged model) is scored on the same
-tokens: `eval_windows` cuts the first `max_tokens` tokens of a domain's split into windows of
+tokens. A split's token array (`doc0 EOS doc1 EOS ...`) is cut into a grid of windows of
 `context + 1` tokens that overlap by one token, so each window predicts `context` tokens and
 every token after the first is predicted exactly once (the tail that does not fill a window is
 dropped):
@@ -9,6 +9,12 @@ dropped):
     array:   t0 t1 t2 t3 t4 t5 t6 ...        (context = 3)
     window0: t0 t1 t2 t3                      predicts t1 t2 t3
     window1:          t3 t4 t5 t6             predicts t4 t5 t6
+
+`spread_windows` (the evaluation protocol) draws `count` windows of that grid at random without
+replacement, seeded, so the scored tokens are spread over the *whole* split rather than its first
+documents, and tells for every predicted token which document it belongs to (document k ends at
+the k-th EOS), so intervals can resample documents. `eval_windows` takes the first windows of
+the grid (the training loop's quick valid loss).
 
 A "log-prob function" maps windows LongTensor[B, T+1] to log p(x_t | x_<t) for t = 1..T as a
 FloatTensor[B, T]; `token_logprobs` is the one for a single causal LM, `Ensemble.logprobs` the
@@ -18,7 +24,9 @@ one for a mixture of experts.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,6 +81,85 @@ def eval_windows(array: np.ndarray, context: int, max_tokens: int | None = None)
     starts = np.arange(n, dtype=np.int64)[:, None] * context
     grid = starts + np.arange(context + 1, dtype=np.int64)[None, :]
     return torch.from_numpy(flat[grid].astype(np.int64))
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """Scoring windows of one split plus the document each predicted token belongs to.
+
+    tokens: LongTensor [N, context+1]; docs: LongTensor [N, context], docs[i, t] = index (within
+    the split, 0-based) of the document holding target tokens[i, t+1]; split_documents: how many
+    documents the split holds in all.
+    """
+
+    tokens: torch.Tensor
+    docs: torch.Tensor
+    split_documents: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """Predicted (scored) tokens: N * context."""
+        return int(self.docs.numel())
+
+    @property
+    def documents(self) -> int:
+        """Distinct documents with at least one scored token."""
+        return int(torch.unique(self.docs).numel())
+
+
+def window_seed(seed: int, domain: str, split: str) -> list[int]:
+    """The sampling seed of one domain's split: the same windows for every method and every run."""
+    return [int(seed), zlib.crc32(domain.encode("utf-8")), zlib.crc32(split.encode("utf-8"))]
+
+
+def spread_windows(
+    array: np.ndarray, context: int, count: int | None, seed: int | list[int], eos_id: int | None
+) -> EvalWindows:
+    """`count` windows drawn without replacement from a split's whole window grid -> EvalWindows.
+
+    The draw is seeded (`window_seed`), so it is the same for every method, model and training
+    seed; the windows come in the draw's (random) order, which is the order a moving-average prior
+    walks them. count None (or more than the grid holds) takes every window. With `eos_id` None
+    every token counts as one document (no boundaries known).
+    """
+    require(context >= 1, f"context must be >= 1, got {context}")
+    flat = np.asarray(array).reshape(-1)
+    grid = (len(flat) - 1) // context
+    if grid < 1:
+        raise ElmError(
+            f"too few tokens for one evaluation window: {len(flat)} tokens, context {context} "
+            f"needs at least {context + 1}"
+        )
+    rng = np.random.default_rng(seed)
+    n = grid if count is None else min(grid, int(count))
+    require(n >= 1, f"need at least one evaluation window, got count={count}")
+    picks = rng.choice(grid, size=n, replace=False) if n < grid else rng.permutation(grid)
+    starts = picks.astype(np.int64)[:, None] * context  # [N, 1]
+    tokens = torch.from_numpy(flat[starts + np.arange(context + 1)[None, :]].astype(np.int64))
+    targets = starts + np.arange(1, context + 1)[None, :]  # [N, context] positions predicted
+    if eos_id is None:
+        docs, n_docs = targets, len(flat)
+    else:
+        ends = np.flatnonzero(flat == eos_id)  # document k ends at ends[k] (its EOS is part of it)
+        n_docs = max(1, len(ends))
+        docs = np.minimum(np.searchsorted(ends, targets, side="left"), n_docs - 1)
+    return EvalWindows(tokens, torch.from_numpy(np.ascontiguousarray(docs, dtype=np.int64)), int(n_docs))
+
+
+def document_sums(logprobs: torch.Tensor, docs: torch.Tensor) -> tuple[list[int], list[float], list[int]]:
+    """Per-document NLL sums of a [N, T] table of log-probs -> (document ids, NLL sums, token counts).
+
+    Documents in increasing id order; sums in float64 (nats). These are the units a bootstrap
+    over documents resamples.
+    """
+    require(logprobs.shape == docs.shape, f"log-probs {tuple(logprobs.shape)} and documents {tuple(docs.shape)} differ")
+    ids, inverse = torch.unique(docs.reshape(-1), return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, -logprobs.reshape(-1).double())
+    counts = torch.bincount(inverse, minlength=len(ids))
+    return ids.tolist(), sums.tolist(), counts.tolist()
 
 
 def perplexity(

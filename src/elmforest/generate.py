@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from elmforest.ensemble import check_posterior, next_log_weights, normalise_prior
+from elmforest.ensemble import NO_MIXING, Mixing, check_posterior, next_log_weights, normalise_prior
 from elmforest.errors import require
 from elmforest.evaluate import model_device
 
@@ -88,11 +88,13 @@ def generate(
     posterior: str = "one_step",
     use_cache: bool = True,
     seed: int = 0,
+    mixing: Mixing = NO_MIXING,
 ) -> list[int]:
     """Continue `prompt_ids` with up to `max_new_tokens` tokens from the ensemble -> new ids only.
 
     models: one causal LM or a list of experts; prior: over the experts (uniform when None;
-    experts with zero prior never run); posterior: a mode of `ensemble.POSTERIORS`. Generation
+    experts with zero prior never run); posterior: a mode of `ensemble.POSTERIORS`, with `mixing`'s
+    temperature, floor and decay (a seed member is just one more model in `models`). Generation
     stops early after the tokenizer's EOS token (kept in the output) when a tokenizer is given.
     Sampling draws from a torch.Generator seeded with `seed`, so a call is reproducible.
     """
@@ -127,7 +129,7 @@ def generate(
     history, next_lp, caches = score_all()
     new: list[int] = []
     while len(new) < max_new_tokens:
-        logw = next_log_weights(history, log_prior, posterior)  # [k]
+        logw = next_log_weights(history, log_prior, posterior, mixing)  # [k]
         mix = torch.logsumexp(logw[:, None] + next_lp.double(), dim=0)  # [V]
         token = _choose(mix, greedy, temperature, top_p, generator)
         ids.append(token)

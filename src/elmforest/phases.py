@@ -259,6 +259,51 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     return result
 
 
+DENSE_MULTIPLE_JSON = "dense_multiple.json"  # written last: the run is complete
+
+
+def dense_multiple_dir(run_dir: Path, multiple: float) -> Path:
+    """RUN/dense_x<k>: the dense LM trained from scratch on k x the budget."""
+    from elmforest.methods import dense_multiple_name
+
+    return Path(run_dir) / dense_multiple_name(multiple)
+
+
+def train_dense_multiple(recipe: Recipe, run_dir: Path, multiple: float, *, progress: bool = True) -> dict[str, Any]:
+    """A dense LM trained from scratch on `multiple` x the budget's tokens, into RUN/dense_x<k>.
+
+    Same architecture, initialisation, domain-balanced batches (batch i is the dense run's batch
+    i) and hyper-parameters as the dense baseline, with a full schedule of its own over
+    round(multiple x total_steps) steps (warm-up the same fraction). Resumable; skipped when done.
+    """
+    run_dir = Path(run_dir)
+    out = dense_multiple_dir(run_dir, multiple)
+    if (out / DENSE_MULTIPLE_JSON).is_file():
+        return read_json(out / DENSE_MULTIPLE_JSON, DENSE_MULTIPLE_JSON)
+    tok = prepare_tokenizer(recipe, run_dir)
+    corpus = Corpus(recipe.corpus)
+    context = model_context(recipe, tok)
+    budget = plan_budget(recipe, context)
+    steps = round(multiple * budget.total_steps)
+    scaled = dataclasses.replace(
+        budget, total_steps=steps, warmup_steps=min(round(recipe.optim.warmup_fraction * steps), steps - 1)
+    )
+    train_arrays = domain_arrays(corpus, tok, recipe.train_domains, "train")
+    valid = valid_batches(
+        domain_arrays(corpus, tok, recipe.train_domains, "valid"),
+        context,
+        recipe.eval.valid_windows_per_domain,
+        recipe.eval.batch_size,
+    )
+    sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+    copy_tokenizer_files(tok, out, overwrite=False)
+    result = train(initial_model(recipe, tok), sampler, train_spec(recipe, scaled, budget.dense_micro_batches), out,
+                   valid_batches=valid, progress=progress)
+    meta = {"arm": out.name, "multiple": multiple, **result, "tokenizer_hash": tokenizer_hash(tok)}
+    storage.write_json(out / DENSE_MULTIPLE_JSON, meta)
+    return meta
+
+
 def snapshot_seed(run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], recipe: Recipe) -> Path:
     """Copy the dense run at the seed step into RUN/seed (weights, config, AdamW state, tokenizer)."""
     dense, target = dense_dir(run_dir), seed_dir(run_dir)
@@ -412,7 +457,10 @@ def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
         return DomainSampler(token_array(corpus, tok, data["domain"], "train"), context, blocks, seed, name=data["domain"])
     if data["kind"] == "random_split":
         arrays = domain_arrays(corpus, tok, data["domains"], "train")
-        return RandomSplitSampler(arrays, data["parts"], data["part"], context, blocks, seed, partition_seed=data.get("partition_seed", 0))
+        return RandomSplitSampler(
+            arrays, data["parts"], data["part"], context, blocks, seed,
+            partition_seed=data.get("partition_seed", 0), balanced=data.get("mix") == "balanced",
+        )
     raise ElmError(f"unknown data kind {data['kind']!r}", JOB_JSON)
 
 

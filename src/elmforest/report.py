@@ -13,7 +13,10 @@ from typing import Any
 from elmforest import storage
 
 # Keys of results.json that are not evaluation rows.
-RESERVED_KEYS = ("budget", "recipe", "priors", "unigram", "curves", "timing", "notes")
+RESERVED_KEYS = (
+    "budget", "recipe", "priors", "unigram", "curves", "timing", "notes",
+    "comparisons", "compute_to_match", "seeds", "per_seed", "mixing",
+)
 
 
 def geo_mean(ppls: list[float]) -> float | None:
@@ -35,25 +38,29 @@ def _fmt_sci(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{_fmt_ppl(ci[0])}, {_fmt_ppl(ci[1])}]"
+
+
 def results_table(results: dict[str, Any], markdown: bool = True) -> str:
-    """Methods x domains table with means, training FLOPs and inference parameters."""
+    """Methods x domains table with means (and their 95% intervals), training FLOPs and inference parameters."""
     rows = method_rows(results)
     if not rows:
         return "(no results)"
     first = next(iter(rows.values()))
     train_d, novel_d = list(first["train"]), list(first["novel"])
-    header = ["method", *train_d, "train mean", *novel_d, "novel mean", "train FLOPs", "params at inference"]
+    header = ["method", *train_d, "train mean [95% CI]", *novel_d, "novel mean [95% CI]", "train FLOPs", "params at inference"]
     body = []
     for name, r in rows.items():
         body.append(
             [
                 name,
                 *[_fmt_ppl(r["train"].get(d)) for d in train_d],
-                _fmt_ppl(r.get("train_mean")),
+                _fmt_ppl(r.get("train_mean")) + _fmt_ci(r.get("train_mean_ci")),
                 *[_fmt_ppl(r["novel"].get(d)) for d in novel_d],
-                _fmt_ppl(r.get("novel_mean")),
+                _fmt_ppl(r.get("novel_mean")) + _fmt_ci(r.get("novel_mean_ci")),
                 _fmt_sci(r.get("train_flops")),
-                f"{r.get('inference_params', 0) / 1e6:.2f}M",
+                f"{(r.get('inference_params') or 0) / 1e6:.2f}M",
             ]
         )
     if markdown:
@@ -65,6 +72,26 @@ def results_table(results: dict[str, Any], markdown: bool = True) -> str:
     return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in body)])
 
 
+def seeds_table(results: dict[str, Any]) -> str:
+    """Mean and standard deviation over training seeds of each method's train and novel means."""
+    per_seed = results.get("per_seed") or {}
+    rows = method_rows(results)
+    lines = [
+        "| method | " + " | ".join(f"seed {s} train / novel" for s in per_seed) + " | mean ± sd train | mean ± sd novel |",
+        "|---|" + "---|" * (len(per_seed) + 2),
+    ]
+    for name, r in rows.items():
+        cells = [f"{_fmt_ppl(per_seed[s][name]['train_mean'])} / {_fmt_ppl(per_seed[s][name]['novel_mean'])}"
+                 for s in per_seed if name in per_seed[s]]
+
+        def pm(part: str) -> str:
+            sd = r.get(f"{part}_mean_sd")
+            return _fmt_ppl(r.get(f"{part}_mean")) + ("" if sd is None else f" ± {sd:.1f}")
+
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pm('train')} | {pm('novel')} |")
+    return "\n".join(lines)
+
+
 def plot_priors(priors: dict[str, dict[str, float]], title: str, path: Path) -> None:
     """Heatmap: evaluation domains (rows) x experts (columns), cell = cached prior weight."""
     import matplotlib
@@ -74,8 +101,8 @@ def plot_priors(priors: dict[str, dict[str, float]], title: str, path: Path) -> 
     import numpy as np
 
     domains = list(priors)
-    experts = list(next(iter(priors.values())))
-    grid = np.array([[priors[d][e] for e in experts] for d in domains])
+    experts = list(dict.fromkeys(e for d in domains for e in priors[d]))  # members may differ per domain
+    grid = np.array([[priors[d].get(e, 0.0) for e in experts] for d in domains])
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(experts), 0.8 + 0.45 * len(domains)))
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
@@ -123,30 +150,33 @@ def _change(a: float, b: float) -> str:
     return f"{pct:+.1f}%"
 
 
+def _fmt_multiple(x: float | str) -> str:
+    return x if isinstance(x, str) else f"{x:.2f}x"
+
+
 def reading(results: dict[str, Any]) -> list[str]:
-    """Sentences comparing the paper's claims with what this run measured."""
+    """One sentence per claim: the two means, the ratio's 95% interval and the verdict read from it."""
     rows = method_rows(results)
     out: list[str] = []
-
-    def cmp(a: str, b: str, claim: str) -> None:
-        if a not in rows or b not in rows:
-            return
-        for split in ("train", "novel"):
-            x, y = rows[a].get(f"{split}_mean"), rows[b].get(f"{split}_mean")
-            if x is None or y is None or not rows[a][split]:
-                continue
-            verdict = "holds" if x < y else "does not hold"
-            out.append(
-                f"- {claim} on {split} domains: `{a}` {_fmt_ppl(x)} vs `{b}` {_fmt_ppl(y)} "
-                f"({_change(x, y)}); the paper's claim {verdict} here."
-            )
-
-    cmp("btm_ensemble_cached", "dense", "BTM cached-prior ensemble beats the compute-matched dense LM")
-    cmp("btm_average_posterior", "btm_average_uniform", "Posterior-weighted averaging beats uniform averaging")
-    cmp("btm_average_posterior", "dense", "Posterior-weighted averaging (one model's inference cost) beats dense")
-    cmp("btm_ensemble_cached", "random_ensemble_cached", "Domain splits beat random splits")
-    if "demix_cached" in rows:
-        cmp("btm_ensemble_cached", "demix_cached", "BTM beats DEMix at equal compute")
+    for c in results.get("comparisons") or []:
+        a, b, part = c["a"], c["b"], c["part"]
+        x, y = rows[a][f"{part}_mean"], rows[b][f"{part}_mean"]
+        lo, hi = c["ci"]
+        out.append(
+            f"- {c['claim']} on {part} domains: `{a}` {_fmt_ppl(x)} vs `{b}` {_fmt_ppl(y)} ({_change(x, y)}; ratio "
+            f"{c['ratio']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]): **{c['verdict']}**."
+        )
+    ctm = results.get("compute_to_match")
+    if ctm:
+        for part, v in ctm.items():
+            if v:
+                lo, hi = v["ci"]
+                out.append(
+                    f"- A dense LM needs {_fmt_multiple(v['multiple'])} the compute (95% CI {_fmt_multiple(lo)} to "
+                    f"{_fmt_multiple(hi)}) to match `btm_ensemble_cached` on {part} domains (dense measured at "
+                    + ", ".join(f"{k}x: {_fmt_ppl(p)}" for k, p in v["points"].items())
+                    + "; the paper reports 2.5x at 64 domains)."
+                )
     uni = results.get("unigram")
     if uni and "dense" in rows and rows["dense"].get("train_mean"):
         out.append(
@@ -154,6 +184,41 @@ def reading(results: dict[str, Any]) -> list[str]:
             f"unigram model's {_fmt_ppl(uni.get('train_mean'))} on the same train-domain test tokens."
         )
     return out
+
+
+def plot_test_compute(results: dict[str, Any], path: Path) -> bool:
+    """Test perplexity (train and novel means) against training FLOPs: the dense models at every
+    compute multiple as a line, the other methods as points. False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {k: v for k, v in method_rows(results).items() if v.get("train_flops")}
+    dense = sorted((v["train_flops"], k) for k, v in rows.items() if k == "dense" or k.startswith("dense_x"))
+    if len(dense) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, part in zip(axes, ("train", "novel")):
+        xs = [f for f, _ in dense]
+        ys = [rows[k][f"{part}_mean"] for _, k in dense]
+        if None in ys:
+            continue
+        ax.plot(xs, ys, marker="o", color="black", label="dense at 1x, 1.5x, ... the compute")
+        for name in ("btm_ensemble_cached", "btm_ensemble_tuned", "btm_average_posterior", "demix_cached"):
+            if name in rows and rows[name].get(f"{part}_mean"):
+                ax.scatter([rows[name]["train_flops"]], [rows[name][f"{part}_mean"]], label=name, zorder=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"test perplexity ({part} domains, geometric mean)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with storage.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest study") -> Path:
@@ -174,33 +239,60 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
         ]
         if budget.get("notes"):
             parts += [str(budget["notes"]), ""]
+    seeds = results.get("seeds") or []
+    resamples = budget.get("bootstrap_resamples")
     parts += [
         "## Test perplexity",
         "",
         "Means are geometric means over domains (the exponent of the mean per-domain NLL); every method "
-        "scores the same test tokens. FLOPs count training only, seed included.",
+        "scores the same test tokens, drawn from each domain's whole test split. Intervals are 95% paired "
+        f"bootstrap intervals over test documents ({resamples or '?'} resamples"
+        + (f", and over the {len(seeds)} training seeds {seeds}; numbers are geometric means over seeds" if len(seeds) > 1 else "")
+        + "). FLOPs count training only, seed included.",
         "",
         results_table(results),
         "",
     ]
+    if len(seeds) > 1:
+        parts += ["## Across training seeds", "", seeds_table(results), ""]
     test_tokens = budget.get("eval_tokens_per_domain") or {}
     prior_windows = budget.get("prior_windows_per_domain") or {}
+    documents = budget.get("eval_documents_per_domain") or {}
+    split_docs = budget.get("split_documents_per_domain") or {}
     if test_tokens:
         wanted = (results.get("recipe") or {}).get("eval", {}).get("prior_sequences")
         parts += [
             "## Evaluation set",
             "",
-            "Test tokens scored per domain (the same for every method) and the valid windows the cached "
-            "prior saw. A domain with few windows has seen few moving-average steps, so its prior stays "
-            "closer to uniform; a domain with few test tokens has a noisier perplexity.",
+            "Test tokens scored per domain (the same for every method), the test documents they come from "
+            "(of the split's), and the valid windows the cached prior saw. A domain with few documents has a "
+            "wide interval; a domain with few prior windows has seen few moving-average steps, so its prior "
+            "stays closer to uniform.",
             "",
-            "| domain | test tokens | prior windows |",
-            "|---|---|---|",
+            "| domain | test tokens | test documents scored | prior windows |",
+            "|---|---|---|---|",
             *[
-                f"| {d} | {n:,} | {prior_windows.get(d, '-')}"
+                f"| {d} | {n:,} | {documents.get(d, '-')} of {split_docs.get(d, '-')} | {prior_windows.get(d, '-')}"
                 + (" (fewer than asked)" if wanted and prior_windows.get(d, wanted) < wanted else "")
                 + " |"
                 for d, n in test_tokens.items()
+            ],
+            "",
+        ]
+    tuned = (results.get("mixing") or {}).get("btm_tuned")
+    if tuned:
+        parts += [
+            "## Mixing chosen on validation data (`btm_ensemble_tuned`)",
+            "",
+            "Per domain, the grid point with the lowest mixture NLL on the prior's validation windows "
+            "(never test); the validation NLL against the plain one-step cached prior's.",
+            "",
+            "| domain | decay | temperature | floor | seed joins | valid NLL (plain) |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {d} | {t['mixing']['decay']:g} | {t['mixing']['temperature']:g} | {t['mixing']['floor']:g} | "
+                f"{'yes' if t['mixing']['with_seed'] else 'no'} | {t['valid_nll']:.4f} ({t['baseline_valid_nll']:.4f}) |"
+                for d, t in tuned.items()
             ],
             "",
         ]
@@ -214,6 +306,9 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
         png = plots / "ppl_vs_compute.png"
         plot_compute_curves({k: [tuple(p) for p in v] for k, v in curves.items()}, png)
         parts += ["## Perplexity against training compute", "", f"![ppl vs compute](plots/{png.name})", ""]
+    png = plots / "test_ppl_vs_compute.png"
+    if plot_test_compute(results, png):
+        parts += ["## Test perplexity against training compute", "", f"![test ppl vs compute](plots/{png.name})", ""]
     lines = reading(results)
     if lines:
         parts += ["## Reading", "", *lines, ""]

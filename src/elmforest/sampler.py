@@ -11,8 +11,12 @@ exactly the batches the interrupted one would have drawn, with no RNG state to s
 - `DomainSampler`: one domain's array (an expert trains on its domain only).
 - `BalancedSampler`: exactly `blocks_per_domain` windows from every domain in each batch, in a
   fixed domain order (the seed and the dense baseline: every update sees equal tokens per domain).
-- `RandomSplitSampler`: the random-split baseline: all domains' training tokens pooled, cut into
-  equal chunks, the chunks dealt at random into n parts; samples from part i.
+- `RandomSplitSampler`: the random-split baseline: training tokens cut into equal chunks, the
+  chunks dealt at random into n parts; samples from part i. `balanced=True` (the study's): each
+  domain's chunks are dealt separately and the rows of successive batches cycle through the
+  domains, so every random expert sees the same domain-balanced mixture as the seed and the dense
+  model (equal tokens per domain); `balanced=False` pools all chunks (each domain in proportion to
+  its size).
 """
 
 from __future__ import annotations
@@ -143,15 +147,18 @@ class BalancedSampler(_Sampler):
 
 
 class RandomSplitSampler(_Sampler):
-    """Samples from random part `part` of `n_parts` of all domains' pooled training tokens.
+    """Samples from random part `part` of `n_parts` of the domains' training tokens.
 
     The random-split baseline trains a forest on random data splits instead of domains, at the
     same compute. Partition: each domain's array is cut into chunks of `chunk_tokens` (a
-    remainder shorter than a chunk, under `chunk_tokens` tokens per domain, is left out), the
-    pooled chunk list is shuffled with a generator seeded by `partition_seed`, and part p gets
-    chunks perm[p::n_parts]. All chunks are the same size, so parts differ by at most one chunk
-    in tokens, and the partition is the same for every part's sampler (disjoint, covering).
-    A window never crosses a chunk boundary, so it never reads another part's tokens.
+    remainder shorter than a chunk, under `chunk_tokens` tokens per domain, is left out) and the
+    chunks are dealt at random (a generator seeded by `partition_seed`): part p gets chunks
+    perm[p::n_parts]. Pooled (`balanced=False`): one permutation of all domains' chunks, so a part
+    holds each domain in proportion to its size. Balanced (`balanced=True`): one permutation per
+    domain, so a part holds ~1/n_parts of every domain, and row r of batch i comes from domain
+    (i * batch_blocks + r) mod n_domains: over any n_domains consecutive rows every domain gives
+    one, the mixture the seed sees. Either way the parts are disjoint and cover the chunks, and a
+    window never crosses a chunk boundary, so it never reads another part's tokens.
     """
 
     def __init__(
@@ -164,6 +171,7 @@ class RandomSplitSampler(_Sampler):
         seed: int,
         partition_seed: int = 0,
         chunk_tokens: int | None = None,
+        balanced: bool = False,
     ):
         super().__init__(seed)
         _check_sizes(block, batch_blocks, "batch_blocks")
@@ -176,19 +184,28 @@ class RandomSplitSampler(_Sampler):
         if chunk < block + 1:
             raise ElmError(f"chunk_tokens={chunk} must be at least the window length block + 1 = {block + 1}")
         self.arrays = list(arrays.values())
-        self.block, self.batch_blocks, self.chunk_tokens = block, batch_blocks, chunk
-        # (array index, chunk start) for every whole chunk of every domain, in domain order.
-        table = np.array(
-            [(k, s) for k, a in enumerate(self.arrays) for s in range(0, len(a) - chunk + 1, chunk)],
-            dtype=np.int64,
-        ).reshape(-1, 2)
-        if len(table) < n_parts:
-            raise ElmError(
-                f"pooled training data holds {len(table)} chunks of {chunk} tokens, fewer than the "
-                f"{n_parts} random parts; use more data or a shorter context length"
-            )
-        perm = np.random.default_rng([partition_seed, n_parts]).permutation(len(table))
-        self.chunks = table[np.sort(perm[part::n_parts])]  # sorted: sequential reads per domain
+        self.block, self.batch_blocks, self.chunk_tokens, self.balanced = block, batch_blocks, chunk, balanced
+
+        def table(ks: list[int]) -> np.ndarray:
+            """(array index, chunk start) of every whole chunk of the arrays `ks`, in order."""
+            rows = [(k, s) for k in ks for s in range(0, len(self.arrays[k]) - chunk + 1, chunk)]
+            return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+        def deal(chunks: np.ndarray, what: str) -> np.ndarray:
+            if len(chunks) < n_parts:
+                raise ElmError(
+                    f"{what} holds {len(chunks)} chunks of {chunk} tokens, fewer than the "
+                    f"{n_parts} random parts; use more data or a shorter context length"
+                )
+            perm = np.random.default_rng([partition_seed, n_parts]).permutation(len(chunks))
+            return chunks[np.sort(perm[part::n_parts])]  # sorted: sequential reads per domain
+
+        names = list(arrays)
+        if balanced:
+            self.domain_chunks = [deal(table([k]), f"domain {names[k]!r}'s training data") for k in range(len(names))]
+            self.chunks = np.concatenate(self.domain_chunks)
+        else:
+            self.chunks = deal(table(list(range(len(names)))), "pooled training data")
 
     @property
     def tokens(self) -> int:
@@ -197,7 +214,12 @@ class RandomSplitSampler(_Sampler):
 
     def batch(self, i: int) -> torch.Tensor:
         rng = self._rng(i)
-        picks = self.chunks[rng.integers(0, len(self.chunks), size=self.batch_blocks)]  # [B, 2]
+        if self.balanced:
+            n = len(self.domain_chunks)
+            domains = (i * self.batch_blocks + np.arange(self.batch_blocks)) % n  # [B] cycling through the domains
+            picks = np.stack([self.domain_chunks[d][rng.integers(0, len(self.domain_chunks[d]))] for d in domains])
+        else:
+            picks = self.chunks[rng.integers(0, len(self.chunks), size=self.batch_blocks)]  # [B, 2]
         # Offsets 0 .. chunk - (block + 1) inclusive: the window stays inside its chunk.
         offsets = rng.integers(0, self.chunk_tokens - self.block, size=self.batch_blocks)
         out = np.empty((self.batch_blocks, self.block + 1), dtype=np.int64)

@@ -5,17 +5,21 @@ Stages (each skipped when already complete, each resumable when interrupted):
     1. tokenizer and token caches      RUN/tokenizer, CORPUS/.cache/tokens
     2. seed                            RUN/dense to the seed step, snapshot RUN/seed
     3. dense baseline                  RUN/dense continued to the full budget
+       dense at k x the compute        RUN/dense_x<k> (arms.dense_multiples), each from scratch
     4. BTM forest                      RUN/experts/<domain> -> RUN/forest
     5. random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
     6. DEMix (arms.demix)              RUN/demix (see elmforest.mixtures)
     7. BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers fine-tuned
     8. evaluation                      RUN/eval/<domain>.json
     9. report                          RUN/results.json, RUN/report.md, RUN/plots/
+
+With several training seeds (recipe `seeds: [0, 1, 2]`), RUN/seed-<s>/ holds each seed's run of
+stages 1-9 (its own results.json and report.md, intervals over documents), and RUN/results.json
+and RUN/report.md combine them: means over seeds, intervals over seeds and documents.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -29,9 +33,8 @@ from elmforest.config import Recipe, read_yaml
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_expert, read_json
-from elmforest.report import geo_mean, results_table, write_report
+from elmforest.report import results_table, write_report
 from elmforest.tokens import token_array
-from elmforest.training import read_metrics
 
 RECIPE_FILE = "recipe.yaml"
 # Recipe sections that may change between runs of one folder without invalidating its models:
@@ -89,137 +92,6 @@ def _train_forest(
     return forest
 
 
-def _curves(out: Path, forest_dirs: list[Path]) -> dict[str, list[tuple[float, float]]]:
-    """Valid perplexity against cumulative training FLOPs for dense and for the BTM forest.
-
-    BTM's point at step s: the seed's FLOPs plus every expert's FLOPs up to s, and the geometric
-    mean over domains of each expert's valid perplexity on its own domain (oracle routing)."""
-    dense = [r for r in read_metrics(out / "dense" / "metrics.jsonl") if "valid_loss" in r]
-    curves: dict[str, list[tuple[float, float]]] = {"dense": [(r["flops"], math.exp(r["valid_loss"])) for r in dense]}
-    seed = read_json(out / "seed" / "seed.json", "seed.json")
-    per_expert = []
-    for d in forest_dirs:
-        rows = {r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "valid_loss" in r}
-        per_expert.append(rows)
-    if per_expert:
-        steps = sorted(set.intersection(*(set(r) for r in per_expert)))
-        btm = []
-        for s in steps:
-            flops = seed["flops"] + sum(rows[s]["flops"] for rows in per_expert)
-            loss = sum(rows[s]["valid_loss"] for rows in per_expert) / len(per_expert)
-            btm.append((flops, math.exp(loss)))
-        seed_points = [p for p in curves["dense"] if p[0] <= seed["flops"] * 1.0001]
-        curves["btm (each expert on its own domain)"] = seed_points + btm
-    return curves
-
-
-def assemble_results(
-    recipe: Recipe, out: Path, scores: dict[str, dict[str, Any]], budget: phases.Budget, timing: dict[str, float]
-) -> dict[str, Any]:
-    """results.json: method -> per-domain perplexities, means, training FLOPs, inference params."""
-    from elmforest.models import load_model
-    from elmforest.results import param_count
-
-    seed = read_json(out / "seed" / "seed.json", "seed.json")
-    params = param_count(load_model(out / "seed"))
-    forests = {arm: Forest(out / folder) for arm, folder in (("btm", "forest"), ("random", "random_forest"))
-               if (out / folder / "forest.json").is_file()}
-    forest_flops = {arm: seed["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names) for arm, f in forests.items()}
-    arms = {"seed": {"tokens": seed["tokens"], "flops": seed["flops"]}}
-    if recipe.arms.dense:
-        dense = read_json(out / "dense" / "dense.json", "dense.json")
-        arms["dense"] = {"tokens": dense["tokens"], "flops": dense["flops"]}
-    for arm, f in forests.items():
-        arms[arm] = {
-            "tokens": seed["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
-            "flops": forest_flops[arm],
-        }
-    notes = []
-    demix_run = mixtures.demix_dir(out) / mixtures.DEMIX_RUN_JSON
-    demix_params = None
-    if recipe.arms.demix and demix_run.is_file():
-        d = read_json(demix_run, mixtures.DEMIX_RUN_JSON)
-        arms["demix"] = {"tokens": d["seed_tokens"] + d["tokens"], "flops": d["seed_flops"] + d["flops"]}
-        demix_params = d["params"]
-        notes.append(
-            "DEMix (`demix_cached`) counts its shared weights plus all n domain MLPs as parameters at inference: "
-            "the cached-prior mixture runs every domain's MLPs, after n single-domain passes for the posterior."
-        )
-    mix_json = mixtures.btx_dir(out) / mixtures.MIX_JSON
-    btx_params = None
-    if recipe.arms.btx and mix_json.is_file() and "btm" in arms:
-        m = read_json(mix_json, mixtures.MIX_JSON)
-        ft = m["finetune"]
-        arms["btx"] = {"tokens": arms["btm"]["tokens"] + ft["tokens"], "flops": arms["btm"]["flops"] + ft["flops"]}
-        btx_params = m["params"]
-        notes.append(
-            f"BTX (`btx`) is not compute-matched: its training FLOPs are the BTM forest's ({arms['btm']['flops']:.3e}) "
-            f"plus {ft['flops']:.3e} for fine-tuning on {ft['tokens']:,} tokens (arms.btx_tokens; each token runs "
-            f"the top-{m['top_k']} MoE forward and backward). Its parameters at inference count every expert MLP "
-            f"and router; {m['top_k']} of {len(m['experts'])} MLPs run per token."
-        )
-    n = len(recipe.train_domains)
-    row_cost = {
-        "seed": ("seed", params),
-        "dense": ("dense", params),
-        "btm_ensemble_uniform": ("btm", n * params),
-        "btm_ensemble_cached": ("btm", n * params),
-        f"btm_ensemble_cached_{'full_prefix' if recipe.eval.posterior == 'one_step' else 'one_step'}": ("btm", n * params),
-        "btm_ensemble_cached_top1": ("btm", params),
-        "btm_ensemble_cached_top2": ("btm", 2 * params),
-        "btm_average_uniform": ("btm", params),
-        "btm_average_posterior": ("btm", params),
-        "random_ensemble_cached": ("random", n * params),
-        "demix_cached": ("demix", demix_params),
-        "btx": ("btx", btx_params),
-    }
-    results: dict[str, Any] = {}
-    methods = [m for m in row_cost if all(m in s["nll"] for s in scores.values())]
-    for m in methods:
-        arm, inf_params = row_cost[m]
-        train = {d: math.exp(scores[d]["nll"][m]) for d in recipe.train_domains}
-        novel = {d: math.exp(scores[d]["nll"][m]) for d in recipe.novel_domains}
-        results[m] = {
-            "train": train,
-            "novel": novel,
-            "train_mean": geo_mean(list(train.values())),
-            "novel_mean": geo_mean(list(novel.values())),
-            "train_flops": arms[arm]["flops"],
-            "inference_params": inf_params,
-        }
-    unigram_train = [math.exp(scores[d]["nll"]["unigram"]) for d in recipe.train_domains]
-    unigram_novel = [math.exp(scores[d]["nll"]["unigram"]) for d in recipe.novel_domains]
-    results["unigram"] = {
-        "train": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.train_domains},
-        "novel": {d: math.exp(scores[d]["nll"]["unigram"]) for d in recipe.novel_domains},
-        "train_mean": geo_mean(unigram_train),
-        "novel_mean": geo_mean(unigram_novel),
-    }
-    results["priors"] = {
-        arm: {d: scores[d]["priors"][arm]["experts"] for d in scores}
-        for arm in [*forests, *(["demix"] if "demix" in arms else [])]
-        if all(arm in scores[d]["priors"] for d in scores)
-    }
-    results["budget"] = {
-        "total_tokens": recipe.budget.total_tokens,
-        "batch_tokens": budget.batch_tokens,
-        "expert_batch_tokens": budget.expert_batch_tokens,
-        "total_steps": budget.total_steps,
-        "seed_steps": budget.seed_steps,
-        "context": budget.context,
-        "arms": arms,
-        "eval_tokens_per_domain": {d: scores[d]["tokens"] for d in scores},
-        "prior_windows_per_domain": {d: scores[d]["valid_windows"] for d in scores},
-    }
-    if "btm" in forests:
-        results["curves"] = _curves(out, [out / "experts" / name for name in forests["btm"].names])
-    if notes:
-        results["notes"] = notes
-    results["timing"] = timing
-    results["recipe"] = recipe.model_dump(mode="json")
-    return results
-
-
 def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the whole study in `out`; returns results.json's contents.
 
@@ -242,12 +114,63 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
         lock.release()
 
 
+def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
+    """The recipe of one training seed's run: optim.seed = seed, no seeds list."""
+    data = recipe.model_dump(mode="json")
+    data["optim"]["seed"] = seed
+    data["seeds"] = None
+    return Recipe.model_validate(data)
+
+
 def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     claim_run_dir(recipe, out)
     if recipe.rounds:  # incremental growth: a study of its own (see elmforest.grow)
         from elmforest.grow import run_rounds
 
         return run_rounds(recipe, out, progress=progress, log=log)
+    seeds = recipe.seed_list
+    if len(seeds) == 1:
+        one = seed_recipe(recipe, seeds[0])
+        scores, budget, timing = _train_and_score(one, out, corpus, progress, log)
+        runs, all_scores = {seeds[0]: out}, {seeds[0]: scores}
+    else:
+        runs, all_scores = {}, {}
+        for i, s in enumerate(seeds):
+            log(f"== training seed {s} ({i + 1} of {len(seeds)}) -> {out / f'seed-{s}'}")
+            one = seed_recipe(recipe, s)
+            sub = out / f"seed-{s}"
+            claim_run_dir(one, sub)
+            scores, budget, timing = _train_and_score(one, sub, corpus, progress, log)
+            _write_results(one, {s: sub}, {s: scores}, budget, timing, sub, log=None)
+            runs[s], all_scores[s] = sub, scores
+        timing = {f"seed-{s}": round(sum(read_json(runs[s] / "timing.json", "timing.json").values()), 1) for s in seeds}
+    return _write_results(recipe, runs, all_scores, budget, timing, out, log)
+
+
+def _write_results(
+    recipe: Recipe,
+    runs: dict[int, Path],
+    scores: dict[int, dict[str, Any]],
+    budget: phases.Budget,
+    timing: dict[str, float],
+    out: Path,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    from elmforest.summary import assemble_results
+
+    results = assemble_results(recipe, runs, scores, budget, timing)
+    storage.write_json(out / "results.json", results)
+    write_report(out, results, title=f"elmforest study: {out.name}")
+    if log is not None:
+        log(results_table(results, markdown=False))
+        log(f"report: {out / 'report.md'}")
+    return results
+
+
+def _train_and_score(
+    recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]
+) -> tuple[dict[str, Any], phases.Budget, dict[str, float]]:
+    """Stages 1-8 of one training seed's run in `out` -> (per-domain evaluations, budget, timing)."""
     timing: dict[str, float] = {}
     previous = read_json(out / "timing.json", "timing.json") if (out / "timing.json").is_file() else {}
 
@@ -279,6 +202,9 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
     if recipe.arms.dense:
         log("[3/9] dense baseline (the seed run continued to the full budget)")
         stage("dense", lambda: phases.train_seed(recipe, out, full=True, progress=progress))
+        for k in recipe.arms.dense_multiples:
+            log(f"[3/9] dense at {k:g} x the compute, from scratch with its own schedule")
+            stage(f"dense_x{k:g}", lambda k=k: phases.train_dense_multiple(recipe, out, k, progress=progress))
     log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
@@ -286,7 +212,8 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
         log("[5/9] random-split forest")
         n = len(recipe.train_domains)
         random_jobs = [
-            (f"random{i}", {"kind": "random_split", "domains": list(recipe.train_domains), "part": i, "parts": n})
+            (f"random{i}", {"kind": "random_split", "domains": list(recipe.train_domains), "part": i, "parts": n,
+                            "mix": "balanced"})
             for i in range(n)
         ]
         stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
@@ -301,10 +228,5 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
 
     scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, log))
     log("[9/9] report")
-    results = assemble_results(recipe, out, scores, budget, {**previous, **timing})
-    storage.write_json(out / "results.json", results)
-    write_report(out, results, title=f"elmforest study: {out.name}")
-    log(results_table(results, markdown=False))
-    log(f"report: {out / 'report.md'}")
-    return results
+    return scores, budget, {**previous, **timing}
 

@@ -24,12 +24,13 @@ from rich.table import Table
 from elmforest import storage
 from elmforest.errors import ElmError, require
 from elmforest.forest import Forest, read_json
+from elmforest.ensemble import Mixing, check_posterior, posterior_help
 from elmforest.scoring import (
     PRIOR_MODES,
     ExpertPool,
+    Members,
     PriorRecord,
     check_forest_consistency,
-    domain_windows,
     ensemble_scores,
     forest_context,
     forest_prior,
@@ -37,8 +38,11 @@ from elmforest.scoring import (
     load_prior,
     model_context,
     model_scores,
+    recorded_seed_dir,
     resolve_corpus,
     save_prior,
+    split_windows,
+    tuned_prior,
 )
 
 # --- options shared by several commands (one definition, one help text) ------------------
@@ -48,17 +52,33 @@ CORPUS_OPT = typer.Option(
 )
 SPLIT_OPT = typer.Option("test", "--split", help="Split to score: train, valid or test.")
 MAX_TOKENS_OPT = typer.Option(
-    20000, "--max-tokens", help="Score the first N tokens of each domain's split (the same windows for every method)."
+    20000, "--max-tokens",
+    help="Score N tokens of each domain's split: N // context windows drawn at random (seeded by --window-seed) "
+    "from the whole split, the same windows for every method and model.",
 )
+WINDOW_SEED_OPT = typer.Option(0, "--window-seed", help="Seed of the window draw (test and valid windows).")
 PRIOR_OPT = typer.Option(
     "cached", "--prior",
     help="Prior over experts: cached (estimated on the domain's valid split, then frozen), "
-    "updating (moving average carried across the test batches) or uniform.",
+    "updating (moving average carried across the test batches) or uniform (fixed 1/n weights, no per-token "
+    "update: the study's btm_ensemble_uniform).",
 )
 POSTERIOR_OPT = typer.Option(
-    "one_step", "--posterior",
-    help="Per-token weights: one_step (previous token's likelihood, the reference code), full_prefix "
-    "(the whole prefix, the paper's formula), prior (no update) or uniform.",
+    "one_step", "--posterior", help="Per-token weights. " + posterior_help() + ".",
+)
+MIX_OPT = typer.Option(
+    "none", "--mix",
+    help="auto: choose temperature, floor, evidence decay and whether the seed joins, per domain, by the mixture's "
+    "NLL on the prior's validation windows (never test; the study's btm_ensemble_tuned). none: use the flags below.",
+)
+TEMPERATURE_OPT = typer.Option(1.0, "--temperature", help="Posterior temperature: the evidence is divided by it (>1 flatter).")
+FLOOR_OPT = typer.Option(0.0, "--floor", help="Uniform weight mixed into the posterior: w <- (1-floor) w + floor/k.")
+DECAY_OPT = typer.Option(
+    None, "--decay", help="Evidence decay gamma in [0, 1] (0: one-step, 1: full prefix); sets --posterior decayed."
+)
+WITH_SEED_OPT = typer.Option(False, "--with-seed", help="The seed joins the mixture as a generalist member.")
+SEED_MEMBER_DIR_OPT = typer.Option(
+    None, "--seed-dir", help="The seed model folder for --with-seed / --mix auto (default: the experts' seed_checkpoint)."
 )
 TOP_K_OPT = typer.Option(
     None, "--top-k", min=1, help="Run only the k experts with the largest cached prior (cost scales with k)."
@@ -112,11 +132,11 @@ def open_target(path: Path) -> Forest | None:
     return None
 
 
-def _forest_setup(path: Path, corpus: str | None) -> tuple[Forest, Any, int]:
-    """Open and check a forest -> (forest, corpus, context)."""
+def _forest_setup(path: Path, corpus: str | None) -> tuple[Forest, Any, int, dict[str, dict[str, Any]]]:
+    """Open and check a forest -> (forest, corpus, context, {expert: expert.json})."""
     forest = Forest(path)
     metas = check_forest_consistency(forest)
-    return forest, resolve_corpus(corpus, metas.values(), path / "forest.json"), forest_context(forest)
+    return forest, resolve_corpus(corpus, metas.values(), path / "forest.json"), forest_context(forest), metas
 
 
 def _model_meta(path: Path) -> list[dict[str, Any]]:
@@ -124,17 +144,44 @@ def _model_meta(path: Path) -> list[dict[str, Any]]:
     return [read_json(path / "expert.json", "expert.json")] if (path / "expert.json").is_file() else []
 
 
+def resolve_mixing(posterior: str, temperature: float, floor: float, decay: float | None, with_seed: bool) -> tuple[str, Mixing]:
+    """(posterior, Mixing) from the explicit flags; --decay means the decayed posterior."""
+    if decay is not None:
+        require(posterior in ("one_step", "decayed"), f"--decay sets --posterior decayed; it cannot go with --posterior {posterior}")
+        posterior = "decayed"
+    check_posterior(posterior)
+    return posterior, Mixing(temperature=temperature, floor=floor, decay=decay or 0.0, with_seed=with_seed)
+
+
+def _members(pool: ExpertPool, metas: dict[str, dict[str, Any]], seed_dir: Path | None) -> Members:
+    if seed_dir is not None:
+        require((seed_dir / "config.json").is_file(), "not a model folder (no config.json)", seed_dir)
+    return Members(pool, seed_dir or recorded_seed_dir(metas.values()))
+
+
 def _estimate_or_load(
-    pool: ExpertPool, corpus: Any, domain: str, context: int, prior_mode: str, load: Path | None,
-    sequences: int, batch: int, alpha: float, posterior: str,
+    members: Members, corpus: Any, domain: str, context: int, prior_mode: str, load: Path | None,
+    sequences: int, batch: int, alpha: float, posterior: str, window_seed: int, mix: str, mixing: Mixing,
 ) -> PriorRecord | None:
-    """The cached prior: loaded from a file, estimated on the domain, or None for other modes."""
+    """The cached prior: loaded from a file, estimated (or tuned, --mix auto) on the domain, or None."""
+    require(mix in ("none", "auto"), f"--mix {mix!r}: choose none or auto")
     if load is not None:
         require(prior_mode == "cached", f"--load-prior needs --prior cached, not {prior_mode}")
-        return load_prior(load, pool.names)
+        require(mix == "none", "--load-prior takes the mixing recorded in the file; drop --mix auto")
+        return load_prior(load, members.pool.names)
+    if mix == "auto":
+        require(prior_mode == "cached", f"--mix auto tunes a cached prior; it cannot go with --prior {prior_mode}")
+        return tuned_prior(members, corpus, domain, context, sequences, batch, alpha, window_seed)
     if prior_mode == "cached":
-        return forest_prior(pool, corpus, domain, context, sequences, batch, alpha, posterior)
+        return forest_prior(members, corpus, domain, context, sequences, batch, alpha, posterior, window_seed, mixing)
     return None
+
+
+def _used_mixing(record: PriorRecord | None, posterior: str, mixing: Mixing) -> tuple[str, Mixing]:
+    """A record made with other settings (tuned, or a loaded file) brings its own posterior and mixing."""
+    if record is not None and record.mixing is not None and (record.mix != Mixing() or record.posterior == "decayed"):
+        return record.posterior, record.mix
+    return posterior, mixing
 
 
 def _check_prior_mode(prior_mode: str) -> None:
@@ -152,7 +199,7 @@ def prior_table(record: PriorRecord, forest: Forest, used: list[str] | None = No
     table.add_column("weight", justify="right")
     if used is not None:
         table.add_column("runs")
-    domains = {e.name: e.domain for e in forest.experts}
+    domains = {e.name: e.domain for e in forest.experts} | {"seed": "(the seed: all train domains)"}
     for name, w in sorted(record.experts.items(), key=lambda kv: -kv[1]):
         row = [name, domains.get(name, "?"), f"{w:.4f}"]
         if used is not None:
@@ -173,46 +220,66 @@ def ensemble(
     prior: str = PRIOR_OPT,
     posterior: str = POSTERIOR_OPT,
     top_k: int | None = TOP_K_OPT,
+    mix: str = MIX_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    floor: float = FLOOR_OPT,
+    decay: float | None = DECAY_OPT,
+    with_seed: bool = WITH_SEED_OPT,
+    seed_dir: Path | None = SEED_MEMBER_DIR_OPT,
     split: str = SPLIT_OPT,
     max_tokens: int = MAX_TOKENS_OPT,
+    window_seed: int = WINDOW_SEED_OPT,
     prior_sequences: int = PRIOR_SEQUENCES_OPT,
     prior_batch: int = PRIOR_BATCH_OPT,
     alpha: float = ALPHA_OPT,
-    save: Path | None = typer.Option(None, "--save-prior", help="Write the cached prior to this JSON file."),
+    save: Path | None = typer.Option(None, "--save-prior", help="Write the cached prior (and its mixing) to this JSON file."),
     load: Path | None = LOAD_PRIOR_OPT,
     device: str = DEVICE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Ensemble a forest's experts on one domain: print the cached prior and the perplexity.
 
-    The prior is the moving average of the batch-mean posterior over the domain's first --prior-sequences validation windows; frozen, it weights the ensemble scored on the first --max-tokens tokens of --split.
+    The prior is the moving average of the batch-mean posterior over --prior-sequences validation windows drawn from the domain's valid split; frozen, it weights the ensemble scored on --max-tokens tokens drawn from --split, with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
-    forest, corp, context = _forest_setup(forest_path, corpus)
-    windows = domain_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens)  # fail fast
-    pool = ExpertPool(forest, _device(device))
-    record = _estimate_or_load(pool, corp, domain, context, prior, load, prior_sequences, prior_batch, alpha, posterior)
+    posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
+    forest, corp, context, metas = _forest_setup(forest_path, corpus)
+    windows = split_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens, window_seed)  # fail fast
+    members = _members(ExpertPool(forest, _device(device)), metas, seed_dir)
+    record = _estimate_or_load(members, corp, domain, context, prior, load, prior_sequences, prior_batch, alpha,
+                               posterior, window_seed, mix, mixing)
     if save is not None:
         require(record is not None, f"--save-prior needs --prior cached, not {prior}")
         save_prior(save, record)
-    scores, used = ensemble_scores(pool, windows, prior, posterior, record, top_k, prior_batch, alpha)
+    posterior, mixing = _used_mixing(record, posterior, mixing)
+    scores, used = ensemble_scores(members, windows, prior, posterior, record, top_k, prior_batch, alpha, mixing)
 
     console = Console()
     if record is not None:
         console.print(prior_table(record, forest, used))
+    lo, hi = scores["ppl_ci"]
     console.print(
-        f"{domain} {split}: perplexity {scores['ppl']:.4f} (nll {scores['nll']:.4f}, {scores['tokens']:,} tokens, "
-        f"prior {prior}, posterior {posterior}, {len(used)} of {len(forest.names)} experts run)"
+        f"{domain} {split}: perplexity {scores['ppl']:.4f} (95% CI {lo:.4f}-{hi:.4f} over {scores['documents']:,} "
+        f"documents; nll {scores['nll']:.4f}, {scores['tokens']:,} tokens, prior {prior}, posterior "
+        f"{'none (fixed weights)' if prior == 'uniform' else posterior}, {_mixing_text(mixing)}, "
+        f"{len(used)} of {len(members.names(mixing.with_seed))} members run)"
     )
     if save is not None:
         console.print(f"wrote prior to {save}")
     if json_out is not None:
         storage.write_json(json_out, {
             "target": str(forest_path), "kind": "forest", "domain": domain, "corpus": str(corp.path),
-            "split": split, "max_tokens": max_tokens, "context": context, "prior_mode": prior,
-            "posterior": posterior, "top_k": top_k, "experts_run": used,
-            "prior": record.to_json() if record is not None else None, **scores,
+            "split": split, "max_tokens": max_tokens, "window_seed": window_seed, "context": context,
+            "prior_mode": prior, "posterior": posterior, "mixing": mixing.to_json(), "top_k": top_k,
+            "experts_run": used, "prior": record.to_json() if record is not None else None, **scores,
         })
+
+
+def _mixing_text(mixing: Mixing) -> str:
+    if mixing == Mixing():
+        return "no mixing settings"
+    return (f"temperature {mixing.temperature:g}, floor {mixing.floor:g}, decay {mixing.decay:g}, "
+            f"seed {'joins' if mixing.with_seed else 'out'}")
 
 
 # --- average -------------------------------------------------------------------------------
@@ -247,6 +314,7 @@ def average(
     prior_sequences: int = PRIOR_SEQUENCES_OPT,
     prior_batch: int = PRIOR_BATCH_OPT,
     alpha: float = ALPHA_OPT,
+    window_seed: int = WINDOW_SEED_OPT,
     load: Path | None = LOAD_PRIOR_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
@@ -273,9 +341,11 @@ def average(
             )
             corp = resolve_corpus(corpus, metas.values(), forest_path / "forest.json")
             pool = ExpertPool(forest, _device(device))
-            record = forest_prior(pool, corp, domain, forest_context(forest), prior_sequences, prior_batch, alpha, posterior)
+            record = forest_prior(pool, corp, domain, forest_context(forest), prior_sequences, prior_batch, alpha,
+                                  posterior, window_seed)
         else:
             record = load_prior(load, names)
+            require(not record.mix.with_seed, "the prior file mixes in the seed; averaging needs a prior over experts only", load)
         vector = record.vector(names).tolist()
     elif weights is not None:
         vector = resolve_weights(parse_weights(weights), names).tolist()  # refuses unknown names
@@ -326,9 +396,16 @@ def evaluate(
     ),
     split: str = SPLIT_OPT,
     max_tokens: int = MAX_TOKENS_OPT,
+    window_seed: int = WINDOW_SEED_OPT,
     prior: str = PRIOR_OPT,
     posterior: str = POSTERIOR_OPT,
     top_k: int | None = TOP_K_OPT,
+    mix: str = MIX_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    floor: float = FLOOR_OPT,
+    decay: float | None = DECAY_OPT,
+    with_seed: bool = WITH_SEED_OPT,
+    seed_dir: Path | None = SEED_MEMBER_DIR_OPT,
     prior_sequences: int = PRIOR_SEQUENCES_OPT,
     prior_batch: int = PRIOR_BATCH_OPT,
     alpha: float = ALPHA_OPT,
@@ -337,21 +414,24 @@ def evaluate(
 ) -> None:
     """Per-domain perplexity of a forest (ensemble, prior estimated per domain) or one model.
 
-    Every target is scored on the same windows: the first --max-tokens tokens of each domain's split, cut at the model's context length.
+    Every target is scored on the same windows: --max-tokens tokens drawn from each domain's whole split (seeded), cut at the model's context length; each perplexity comes with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
+    posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest = open_target(target)
     dev = _device(device)
     kind = "forest" if forest is not None else "model"
-    result: dict[str, Any] = {"target": str(target), "kind": kind, "split": split, "max_tokens": max_tokens}
+    result: dict[str, Any] = {"target": str(target), "kind": kind, "split": split, "max_tokens": max_tokens,
+                              "window_seed": window_seed}
     if forest is not None:
-        forest, corp, context = _forest_setup(target, corpus)
+        forest, corp, context, metas = _forest_setup(target, corpus)
         tokenizer_dir = forest.tokenizer_dir
-        pool = ExpertPool(forest, dev)
+        members = _members(ExpertPool(forest, dev), metas, seed_dir)
     else:
         from elmforest.models import load_model
         from elmforest.tokenizer import tokenizer_hash
 
+        require(mix == "none" and mixing == Mixing(), "--mix and the mixing flags are for forests, not a single model", target)
         tokenizer_hash(target)  # the folder must carry its tokenizer (names the missing file)
         corp = resolve_corpus(corpus, _model_meta(target), target)
         model = load_model(target).to(dev).eval()
@@ -360,28 +440,33 @@ def evaluate(
     corp.require(chosen, "--domains")
     result.update(corpus=str(corp.path), context=context, domains={})
     if forest is not None:
-        result.update(ensemble={"prior": prior, "posterior": posterior, "top_k": top_k, "experts_run": {}}, prior={})
+        result.update(ensemble={"prior": prior, "posterior": posterior, "mix": mix, "mixing": {}, "top_k": top_k,
+                                "experts_run": {}}, prior={})
 
     console = Console()
     for d in chosen:
-        windows = domain_windows(corp, tokenizer_dir, d, split, context, max_tokens)
+        windows = split_windows(corp, tokenizer_dir, d, split, context, max_tokens, window_seed)
         if forest is None:
             scores = model_scores(model, windows)
         else:
-            record = _estimate_or_load(pool, corp, d, context, prior, None, prior_sequences, prior_batch, alpha, posterior)
-            scores, used = ensemble_scores(pool, windows, prior, posterior, record, top_k, prior_batch, alpha)
+            record = _estimate_or_load(members, corp, d, context, prior, None, prior_sequences, prior_batch, alpha,
+                                       posterior, window_seed, mix, mixing)
+            post, mixed = _used_mixing(record, posterior, mixing)
+            scores, used = ensemble_scores(members, windows, prior, post, record, top_k, prior_batch, alpha, mixed)
             result["ensemble"]["experts_run"][d] = used
+            result["ensemble"]["mixing"][d] = {"posterior": post, **mixed.to_json()}
             if record is not None:
                 result["prior"][d] = record.to_json()
         result["domains"][d] = scores
 
-    table = Table(title=f"{target} ({result['kind']}) on {split}, first {max_tokens:,} tokens per domain")
-    for col in ("domain", "ppl", "nll", "tokens"):
+    table = Table(title=f"{target} ({result['kind']}) on {split}, {max_tokens:,} tokens per domain from the whole split")
+    for col in ("domain", "ppl", "95% CI", "nll", "tokens", "documents"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     if forest is not None:
-        table.add_column("top prior expert")
+        table.add_column("top prior member")
     for d, s in result["domains"].items():
-        row = [d, f"{s['ppl']:.4f}", f"{s['nll']:.4f}", f"{s['tokens']:,}"]
+        lo, hi = s["ppl_ci"]
+        row = [d, f"{s['ppl']:.4f}", f"{lo:.2f}-{hi:.2f}", f"{s['nll']:.4f}", f"{s['tokens']:,}", f"{s['documents']:,}"]
         if forest is not None:
             rec = result["prior"].get(d)
             row.append(f"{max(rec['experts'], key=rec['experts'].get)} ({max(rec['experts'].values()):.3f})" if rec else "-")
@@ -412,8 +497,18 @@ def generate_text(
     ),
     posterior: str = POSTERIOR_OPT,
     prior_file: Path | None = typer.Option(
-        None, "--prior-file", help="A prior saved with `ensemble --save-prior` (default: uniform)."
+        None, "--prior-file", help="A prior saved with `ensemble --save-prior` (default: uniform); brings its mixing settings."
     ),
+    mix: str = MIX_OPT,
+    domain: str | None = typer.Option(None, "--domain", help="With --mix auto: the domain whose valid windows tune the mixing."),
+    corpus: str | None = CORPUS_OPT,
+    mix_temperature: float = typer.Option(
+        1.0, "--mix-temperature", help="Posterior temperature (--temperature is the sampling temperature here)."
+    ),
+    floor: float = FLOOR_OPT,
+    decay: float | None = DECAY_OPT,
+    with_seed: bool = WITH_SEED_OPT,
+    seed_dir: Path | None = SEED_MEMBER_DIR_OPT,
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Recompute every expert over the whole text at each step (slow; no KV cache)."
     ),
@@ -425,24 +520,39 @@ def generate_text(
     from elmforest.models import load_model
     from elmforest.tokenizer import load_tokenizer
 
+    posterior, mixing = resolve_mixing(posterior, mix_temperature, floor, decay, with_seed)
     forest = open_target(target)
     dev = _device(device)
     prior = None
     if forest is not None:
-        check_forest_consistency(forest)
-        weights = load_prior(prior_file, forest.names).vector(forest.names) if prior_file else None
-        used = forest.names if weights is None else [n for n, w in zip(forest.names, weights.tolist()) if w > 0]
-        models = load_experts(forest, used, dev)  # experts with zero prior never load
+        metas = check_forest_consistency(forest)
+        members = _members(ExpertPool(forest, dev), metas, seed_dir)
+        record = None
+        if mix == "auto":
+            require(domain is not None, "--mix auto needs --domain (whose valid windows tune the mixing)")
+            require(prior_file is None, "--mix auto estimates its own prior; drop --prior-file")
+            corp = resolve_corpus(corpus, metas.values(), forest.path / "forest.json")
+            record = tuned_prior(members, corp, domain, forest_context(forest))
+        elif prior_file is not None:
+            record = load_prior(prior_file, forest.names)
+        else:
+            require(mix == "none", f"--mix {mix!r}: choose none or auto")
+        posterior, mixing = _used_mixing(record, posterior, mixing)
+        names = members.names(mixing.with_seed)
+        weights = record.vector(names) if record is not None else None
+        used = names if weights is None else [n for n, w in zip(names, weights.tolist()) if w > 0]
+        models = members.models(used)  # experts with zero prior never load
         prior = None if weights is None else weights[weights > 0]
         tokenizer = load_tokenizer(forest.tokenizer_dir)
     else:
         require(prior_file is None, "--prior-file is for forests, not a single model", target)
+        require(mix == "none" and mixing == Mixing(), "--mix and the mixing flags are for forests, not a single model", target)
         models = [load_model(target).to(dev).eval()]
         tokenizer = load_tokenizer(target)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
     new = generate(
         models, tokenizer, ids, max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-        prior=prior, posterior=posterior, use_cache=not no_cache, seed=seed,
+        prior=prior, posterior=posterior, use_cache=not no_cache, seed=seed, mixing=mixing,
     )
     # decode prompt and continuation together: a character may straddle their byte boundary
     print(tokenizer.decode(list(ids) + new, skip_special_tokens=True))
