@@ -88,6 +88,24 @@ def test_weighted_and_argmax_arithmetic(folders):
     assert make_plan("argmax", ["a", "b", "c"], [0.2, 0.5, 0.3], AverageOptions(), False).use == (1,)
 
 
+def test_posterior_average_is_the_weighted_mean_by_hand(folders, tmp_path):
+    """Every tensor of a posterior average is sum_i w_i theta_i (not the uniform mean), in memory and on disk."""
+    names = ["news", "code", "legal"]
+    a, b, c = files(folders, names)
+    w = [0.7, 0.2, 0.1]
+    out = average_state_dicts([a, b, c], w, "posterior", names=names)
+    written = average_folders([folders[n] for n in names], dict(zip(names, w)), "posterior", tmp_path / "avg")
+    from safetensors.torch import load_file
+
+    on_disk = load_file(written / "model.safetensors")
+    for k in a:
+        want = 0.7 * a[k].double() + 0.2 * b[k].double() + 0.1 * c[k].double()
+        torch.testing.assert_close(out[k].double(), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(on_disk[k].double(), want, atol=1e-6, rtol=0)
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(out[k], (a[k] + b[k] + c[k]) / 3, atol=1e-4)  # the weights matter here
+
+
 def test_task_arithmetic(folders):
     s, a, b = files(folders, ["seed", "news", "code"])
     default = average_state_dicts([a, b], None, "task_arithmetic", seed=s)

@@ -166,6 +166,16 @@ def test_posterior_average_uses_the_cached_prior(built, tmp_path, capsys):
     info = json.loads((out / "average.json").read_text())
     assert info["weights"][0] > 0.8 and info["prior"]["domain"] == "nums"
     assert abs(sum(info["weights"]) - 1) < 1e-9
+    # the written tensors are the prior-weighted mean of the experts', worked out here
+    from safetensors.torch import load_file
+
+    names = json.loads((forest / "forest.json").read_text())["experts"]
+    experts = [load_file(forest / e["path"] / "model.safetensors") for e in names]
+    weights = [info["prior"]["experts"][e["name"]] for e in names]
+    merged = load_file(out / "model.safetensors")
+    for key in merged:
+        want = sum(w * t[key].double() for w, t in zip(weights, experts))
+        assert torch.allclose(merged[key].double(), want, atol=1e-6), key
 
 
 def test_eval_forest_and_model_score_the_same_tokens(built, tmp_path, capsys):

@@ -117,3 +117,28 @@ def test_random_split_partition():
     assert torch.equal(again.next_batch(), fresh.batch(10))
     with pytest.raises(ElmError, match="fewer than the 50 random parts"):
         RandomSplitSampler(arrays, 50, 0, BLOCK, 8, seed=0, chunk_tokens=chunk)
+
+
+def test_balanced_random_split_sees_every_domain_equally():
+    """The study's random-split experts draw from the seed's domain-balanced mixture: each part holds
+    ~1/n of every domain, and over the rows of successive batches every domain gives the same share
+    (the pooled split would give domain a, b, c in proportion 500 : 300 : 40)."""
+    arrays = _arrays()
+    chunk = BLOCK + 1  # 9 tokens: 55 + 33 + 4 whole chunks
+    parts = [RandomSplitSampler(arrays, 2, p, BLOCK, 4, seed=p, chunk_tokens=chunk, balanced=True) for p in range(2)]
+    owned = [{(int(k), int(o)) for k, o in s.chunks} for s in parts]
+    assert not (owned[0] & owned[1]) and len(owned[0] | owned[1]) == 55 + 33 + 4
+    for s in parts:
+        per_domain = [sum(1 for k, _ in s.chunks if k == j) for j in range(3)]
+        assert per_domain in ([28, 17, 2], [27, 16, 2])  # half of each domain's chunks
+    rows = torch.cat([parts[0].next_batch() for _ in range(30)])  # 120 rows
+    counts = np.bincount((rows[:, 0] // 1000).numpy(), minlength=3)
+    assert counts.tolist() == [40, 40, 40]
+    for row in rows.tolist():
+        k = row[0] // 1000
+        start = row[0] - k * 1000
+        assert (k, start - start % chunk) in owned[0]  # only its own part's chunks
+        assert row == list(range(row[0], row[0] + BLOCK + 1))
+    pooled = RandomSplitSampler(arrays, 2, 0, BLOCK, 4, seed=0, chunk_tokens=chunk)
+    pooled_counts = np.bincount((torch.cat([pooled.next_batch() for _ in range(30)])[:, 0] // 1000).numpy(), minlength=3)
+    assert pooled_counts[2] < 20  # the small domain is rare when pooled

@@ -61,6 +61,13 @@ def test_compute_is_matched(study):
     assert abs(rnd - dense) / dense < 0.01
     assert budget["arms"]["btm"]["tokens"] == budget["arms"]["dense"]["tokens"]
     assert budget["arms"]["seed"]["tokens"] * 2 == budget["arms"]["dense"]["tokens"]
+    # the random-split experts draw from the seed's domain-balanced mixture, with the BTM experts' steps and batch
+    for i, domain in enumerate(("animals", "code")):
+        job = json.loads((out / "random_experts" / f"random{i}" / "job.json").read_text())
+        assert job["data"]["mix"] == "balanced" and job["data"]["domains"] == ["animals", "code"]
+        rnd = json.loads((out / "random_experts" / f"random{i}" / "expert.json").read_text())
+        btm = json.loads((out / "experts" / domain / "expert.json").read_text())
+        assert (rnd["steps"], rnd["tokens"]) == (btm["steps"], btm["tokens"])
 
 
 def test_report_and_plots_exist(study):

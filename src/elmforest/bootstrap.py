@@ -195,4 +195,4 @@ def compute_to_match(
     def back(v: float) -> float | str:
         return lo_k if v == -math.inf else hi_k if v == math.inf else math.exp(v)
 
-    return {"multiple": point, "ci": [back(lo), back(hi)], "points": {str(k): math.exp(p) for k, p in zip(ks, points)}}
+    return {"multiple": point, "ci": [back(lo), back(hi)], "points": {_fmt_multiple(k): math.exp(p) for k, p in zip(ks, points)}}

@@ -240,7 +240,10 @@ def score_domain(models: StudyModels, domain: str, methods: list[StudyMethod], c
         raise ElmError(f"cached evaluation of {domain!r} scored other documents; delete RUN/eval to re-score", models.run_dir)
     todo = [m for m in methods if m.name not in out["nll"]]
     for m in todo:
-        lp = m.score(ev)
+        try:
+            lp = m.score(ev)
+        except ElmError as err:
+            raise ElmError(f"study method {m.name!r} cannot be scored on domain {domain!r}: {err.detail}", err.path) from None
         _, sums, _ = document_sums(lp, ev.test.docs)
         out["nll"][m.name] = nll_of(lp)
         out["doc_nll"][m.name] = sums
