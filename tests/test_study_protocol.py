@@ -231,3 +231,26 @@ def test_several_seeds_train_separately_and_combine(seeds_study):
 
         assert results[m]["train_mean_sd"] == pytest.approx(statistics.stdev(means))
     assert "Across training seeds" in (out / "report.md").read_text()
+
+
+def test_seed_fraction_sweep_branches_from_snapshots_of_one_dense_run(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    data = tiny_recipe(corpus, out)
+    data["arms"] = {"random_split": False, "seed_fractions": [0.25, 0.75]}
+    main(["run", str(write_recipe(tmp_path / "recipe.yaml", data)), "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    total = results["budget"]["total_steps"]
+    for f in (0.25, 0.75):
+        seed = json.loads((out / "sweep" / f"seed{f:g}" / "seed" / "seed.json").read_text())
+        assert seed["step"] == round(f * total) and seed["seed_fraction"] == f
+        expert = json.loads((out / "sweep" / f"seed{f:g}" / "experts" / "animals" / "expert.json").read_text())
+        assert expert["steps"] == total - seed["step"]  # the rest of the budget, at 1/n of the batch
+        row = results[f"btm_ensemble_cached_seed{f:g}"]
+        # compute-matched on its own: the same training FLOPs as dense (and as the main forest)
+        assert row["train_flops"] == pytest.approx(results["dense"]["train_flops"], rel=0.01)
+        assert row["valid_train_mean"] > 1 and row["valid_novel_mean"] > 1
+    # the snapshot at 0.25 is the dense run at that step: its weights equal a dense run stopped there
+    main_seed = json.loads((out / "seed" / "seed.json").read_text())
+    assert main_seed["step"] == round(0.5 * total)
+    assert results["btm_ensemble_cached"]["valid_train_mean"] > 1

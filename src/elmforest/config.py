@@ -139,6 +139,21 @@ class ArmsConfig(_Strict):
         "full schedule), to measure how much compute dense needs to match the forest (results.json compute_to_match).",
     )
 
+    seed_fractions: list[float] = Field(
+        default_factory=list,
+        description="A seed-fraction sweep: extra BTM forests branched from snapshots of the same dense run at these "
+        "fractions of the budget (each compute-matched on its own); budget.seed_fraction is the main forest's.",
+    )
+
+    @field_validator("seed_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("each seed fraction must lie strictly between 0 and 1")
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate seed fraction")
+        return sorted(v)
+
     @field_validator("dense_multiples")
     @classmethod
     def _multiples(cls, v: list[float]) -> list[float]:
@@ -206,6 +221,8 @@ class Recipe(_Strict):
             raise ValueError(
                 f"budget.batch_tokens={self.budget.batch_tokens} must divide evenly among {n} train domains"
             )
+        if self.budget.seed_fraction in self.arms.seed_fractions:
+            raise ValueError(f"arms.seed_fractions repeats budget.seed_fraction={self.budget.seed_fraction} (the main forest)")
         if self.rounds:
             grown = [d for r in self.rounds for d in r.domains]
             if sorted(grown) != sorted(self.train_domains):

@@ -51,6 +51,8 @@ class StudyMethod:
     params: Callable[[Sizes], int | None]
     """Parameters that run at inference (per token, summed over the models that run)."""
     enabled: Callable[[Recipe], bool] = lambda recipe: True
+    valid: Callable[[Any], float] | None = None
+    """Its mean NLL on the domain's validation windows, for choosing settings without test data."""
 
 
 STUDY_METHODS: dict[str, StudyMethod] = {}
@@ -81,6 +83,16 @@ def _cached(arm: str, posterior: str | None = None, top_k: int | None = None) ->
         return mixture_logprobs(ev.forest_lp(arm), prior, post)
 
     return score
+
+
+def _valid_cached(arm: str) -> Callable[[Any], float]:
+    """The cached-prior ensemble's NLL on the valid windows its prior was estimated on."""
+
+    def valid(ev: Any) -> float:
+        post = ev.recipe.eval.posterior
+        return float(-mixture_logprobs(ev.forest_lp(arm, "valid"), ev.cached_prior(arm, post), post).double().mean())
+
+    return valid
 
 
 def _uniform(arm: str) -> Score:
@@ -122,7 +134,7 @@ register(StudyMethod(
 ))
 register(StudyMethod(
     "btm_ensemble_cached", "btm", "the forest mixed with its cached prior and the recipe's posterior",
-    _cached("btm"), _n_experts_running(),
+    _cached("btm"), _n_experts_running(), valid=_valid_cached("btm"),
 ))
 for _post in UPDATING_POSTERIORS:
     if _post == "decayed":  # spanned by the tuned ensemble
@@ -177,14 +189,34 @@ def dense_multiple_method(k: float) -> StudyMethod:
     return StudyMethod(name, name, f"a dense LM trained from scratch on {k:g} x the budget", _single(name), lambda s: s.model)
 
 
+# --- forests branched at other seed fractions (arms.seed_fractions) ---------------------------------
+
+
+def seed_fraction_arm(fraction: float) -> str:
+    """`btm_seed0.6`: the forest branched from the dense run's snapshot at that fraction."""
+    return f"btm_seed{fraction:g}"
+
+
+def seed_fraction_method(fraction: float) -> StudyMethod:
+    arm = seed_fraction_arm(fraction)
+    return StudyMethod(
+        f"btm_ensemble_cached_seed{fraction:g}", arm,
+        f"the cached-prior ensemble of a forest branched at {fraction:g} of the budget (compute-matched on its own)",
+        _cached(arm), _n_experts_running(), valid=_valid_cached(arm),
+    )
+
+
 def study_methods(recipe: Recipe) -> list[StudyMethod]:
-    """The methods a recipe's study scores, in registry order (dense multiples after dense)."""
+    """The methods a recipe's study scores, in registry order (dense multiples after dense, the
+    seed-fraction sweep after the cached ensemble)."""
     out = []
     for m in STUDY_METHODS.values():
         if m.enabled(recipe):
             out.append(m)
             if m.name == "dense":
                 out += [dense_multiple_method(k) for k in recipe.arms.dense_multiples]
+            if m.name == "btm_ensemble_cached":
+                out += [seed_fraction_method(f) for f in recipe.arms.seed_fractions]
     return out
 
 

@@ -248,9 +248,15 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     model = initial_model(recipe, tok)
     copy_tokenizer_files(tok, dense, overwrite=False)
     result = {}
-    if not (seed_dir(run_dir) / SEED_JSON).is_file():
-        result = train(model, sampler, spec, dense, stop_at_step=budget.seed_steps, valid_batches=valid, progress=progress)
-        snapshot_seed(run_dir, tok, result, recipe)
+    # the seed, and the extra seeds of a seed-fraction sweep, are snapshots of this one run, in step order
+    snapshots = [(budget.seed_steps, seed_dir(run_dir), recipe.budget.seed_fraction)] + [
+        (plan_budget(sweep_recipe(recipe, f), context).seed_steps, sweep_dir(run_dir, f) / "seed", f)
+        for f in recipe.arms.seed_fractions
+    ]
+    for steps, target, fraction in sorted(snapshots, key=lambda t: t[0]):
+        if not (target / SEED_JSON).is_file():
+            result = train(model, sampler, spec, dense, stop_at_step=steps, valid_batches=valid, progress=progress)
+            snapshot_seed(run_dir, tok, result, fraction, target)
     if full:
         model = initial_model(recipe, tok)  # weights come from the checkpoint
         sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
@@ -304,9 +310,21 @@ def train_dense_multiple(recipe: Recipe, run_dir: Path, multiple: float, *, prog
     return meta
 
 
-def snapshot_seed(run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], recipe: Recipe) -> Path:
-    """Copy the dense run at the seed step into RUN/seed (weights, config, AdamW state, tokenizer)."""
-    dense, target = dense_dir(run_dir), seed_dir(run_dir)
+def sweep_recipe(recipe: Recipe, fraction: float) -> Recipe:
+    """The recipe of a seed-fraction sweep's forest: the same, with budget.seed_fraction = fraction."""
+    return recipe.model_copy(update={"budget": recipe.budget.model_copy(update={"seed_fraction": fraction})})
+
+
+def sweep_dir(run_dir: Path, fraction: float) -> Path:
+    """RUN/sweep/seed<f>: the seed snapshot at fraction f of the dense run, its experts and forest."""
+    return Path(run_dir) / "sweep" / f"seed{fraction:g}"
+
+
+def snapshot_seed(
+    run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], fraction: float, target: Path | None = None
+) -> Path:
+    """Copy the dense run at a seed step into RUN/seed, or `target` (weights, config, AdamW state, tokenizer)."""
+    dense, target = dense_dir(run_dir), Path(target) if target is not None else seed_dir(run_dir)
     if target.exists():
         shutil.rmtree(target)  # a partial snapshot from a killed run: seed.json is written last
     with storage.atomic_dir(target) as tmp:
@@ -320,7 +338,7 @@ def snapshot_seed(run_dir: Path, tokenizer_dir: Path, result: dict[str, Any], re
                 "step": result["steps"],
                 "tokens": result["tokens"],
                 "flops": result["flops"],
-                "seed_fraction": recipe.budget.seed_fraction,
+                "seed_fraction": fraction,
                 "tokenizer_hash": tokenizer_hash(tokenizer_dir),
                 "arch_hash": arch_hash(_config_obj(config)),
                 "elmforest_version": __version__,
@@ -348,6 +366,7 @@ def expert_job(
     parents: list[dict[str, Any]] | str = "seed",
     init_state: str | None = None,
     fresh_steps: int | None = None,
+    seed_from: Path | None = None,
 ) -> dict[str, Any]:
     """Everything `train_expert` needs, as plain JSON.
 
@@ -379,7 +398,7 @@ def expert_job(
         "start_step": start,
         "init_state": init_state,
         "parents": parents,
-        "seed_checkpoint": str(seed_dir(run_dir)),
+        "seed_checkpoint": str(Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)),
         "valid_windows": recipe.eval.valid_windows_per_domain,
         "eval_batch_size": recipe.eval.batch_size,
         "train_domains": list(recipe.train_domains),

@@ -144,6 +144,27 @@ def plot_compute_curves(curves: dict[str, list[tuple[float, float]]], path: Path
     plt.close(fig)
 
 
+def sweep_table(results: dict[str, Any]) -> str | None:
+    """Seed fraction -> validation and test perplexity of its forest's cached-prior ensemble."""
+    fractions = (results.get("recipe") or {}).get("arms", {}).get("seed_fractions") or []
+    if not fractions:
+        return None
+    main = (results.get("recipe") or {}).get("budget", {}).get("seed_fraction")
+    rows = method_rows(results)
+    names = {main: "btm_ensemble_cached", **{f: f"btm_ensemble_cached_seed{f:g}" for f in fractions}}
+    lines = ["| seed fraction | valid train | valid novel | test train [95% CI] | test novel [95% CI] |", "|---|---|---|---|---|"]
+    for f in sorted(names):
+        r = rows.get(names[f])
+        if r is None:
+            continue
+        lines.append(
+            f"| {f:g}{' (main)' if f == main else ''} | {_fmt_ppl(r.get('valid_train_mean'))} | "
+            f"{_fmt_ppl(r.get('valid_novel_mean'))} | {_fmt_ppl(r.get('train_mean'))}{_fmt_ci(r.get('train_mean_ci'))} | "
+            f"{_fmt_ppl(r.get('novel_mean'))}{_fmt_ci(r.get('novel_mean_ci'))} |"
+        )
+    return "\n".join(lines)
+
+
 def _change(a: float, b: float) -> str:
     """How much lower (better) perplexity a is than b, as a signed percentage."""
     pct = 100.0 * (a - b) / b
@@ -277,6 +298,18 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
                 + " |"
                 for d, n in test_tokens.items()
             ],
+            "",
+        ]
+    sweep = sweep_table(results)
+    if sweep:
+        parts += [
+            "## Seed fraction",
+            "",
+            "Forests branched from snapshots of the same dense run at several fractions of the budget, each "
+            "compute-matched on its own (cached-prior ensembles). Choose by the validation columns (the "
+            "ensemble's NLL on the prior's validation windows), not by test.",
+            "",
+            sweep,
             "",
         ]
     tuned = (results.get("mixing") or {}).get("btm_tuned")

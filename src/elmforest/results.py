@@ -97,6 +97,17 @@ def load_model_like(model: torch.nn.Module) -> torch.nn.Module:
     return type(model)(model.config)
 
 
+def forest_folders(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
+    """Every forest arm of a study and its folder: btm, random, and the seed-fraction sweep's."""
+    from elmforest.methods import seed_fraction_arm
+    from elmforest.phases import sweep_dir
+
+    run_dir = Path(run_dir)
+    out = {"btm": run_dir / "forest", "random": run_dir / "random_forest"}
+    out.update({seed_fraction_arm(f): sweep_dir(run_dir, f) / "forest" for f in recipe.arms.seed_fractions})
+    return out
+
+
 class StudyModels:
     """Every trained arm of one study run, loaded once (on the CPU) for scoring all domains."""
 
@@ -112,9 +123,9 @@ class StudyModels:
             if m.arm == m.name and (self.run_dir / m.arm / "model.safetensors").is_file():
                 self.singles[m.name] = load_model(self.run_dir / m.arm).eval()
         self.forests: dict[str, tuple[list[str], list[torch.nn.Module]]] = {}
-        for arm, folder in (("btm", "forest"), ("random", "random_forest")):
-            if (self.run_dir / folder / "forest.json").is_file():
-                f = Forest(self.run_dir / folder)
+        for arm, folder in forest_folders(recipe, self.run_dir).items():
+            if (folder / "forest.json").is_file():
+                f = Forest(folder)
                 self.forests[arm] = (f.names, [load_model(f.expert_dir(n)).eval() for n in f.names])
         self.demix = None
         if recipe.arms.demix and (mixtures.demix_dir(self.run_dir) / mixtures.DEMIX_RUN_JSON).is_file():
@@ -247,6 +258,8 @@ def score_domain(models: StudyModels, domain: str, methods: list[StudyMethod], c
         _, sums, _ = document_sums(lp, ev.test.docs)
         out["nll"][m.name] = nll_of(lp)
         out["doc_nll"][m.name] = sums
+        if m.valid is not None:
+            out.setdefault("valid_nll", {})[m.name] = m.valid(ev)
     if "unigram" not in out["nll"]:
         lp = unigram_logprobs(models.train_arrays, models.vocab, ev.test.tokens)
         out["nll"]["unigram"], out["doc_nll"]["unigram"] = nll_of(lp), document_sums(lp, ev.test.docs)[1]

@@ -76,14 +76,18 @@ def _train_forest(
     arm: str,
     jobs: list[tuple[str, dict[str, Any]]],
     log: Callable[[str], None],
+    home: Path | None = None,
 ) -> Forest:
-    """Branch every expert from the seed, train them with the recipe's launcher, merge them."""
-    experts_dir = out / ("experts" if arm == "btm" else "random_experts")
-    forest_dir = out / ("forest" if arm == "btm" else "random_forest")
+    """Branch every expert from the seed (in `home`, default the run folder: home/seed), train them
+    with the recipe's launcher, merge them into a forest."""
+    home = Path(home) if home is not None else out
+    experts_dir = home / ("random_experts" if arm == "random" else "experts")
+    forest_dir = home / ("random_forest" if arm == "random" else "forest")
+    seed = home / "seed" if home != out else phases.seed_dir(out)
     paths = []
     for name, data in jobs:
-        job = phases.expert_job(recipe, out, name, data)
-        paths.append(phases.branch_expert(experts_dir / name, job, from_seed=phases.seed_dir(out)))
+        job = phases.expert_job(recipe, out, name, data, seed_from=seed)
+        paths.append(phases.branch_expert(experts_dir / name, job, from_seed=seed))
     phases.train_pending(recipe, paths, log)
     meta = read_expert(paths[0])
     forest = Forest.create(forest_dir, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
@@ -208,6 +212,10 @@ def _train_and_score(
     log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
+    for f in recipe.arms.seed_fractions:
+        log(f"[4/9] BTM forest branched at {f:g} of the budget (seed-fraction sweep)")
+        stage(f"btm_seed{f:g}", lambda f=f: _train_forest(phases.sweep_recipe(recipe, f), out, "btm", domain_jobs, log,
+                                                          home=phases.sweep_dir(out, f)))
     if recipe.arms.random_split:
         log("[5/9] random-split forest")
         n = len(recipe.train_domains)

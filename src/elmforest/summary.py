@@ -24,6 +24,7 @@ from elmforest.config import Recipe
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_json
 from elmforest.methods import Sizes, dense_multiple_name, study_methods
+from elmforest.results import forest_folders
 from elmforest.training import read_metrics
 
 # (a, b, claim): "a beats b", read on train and novel domains when both methods ran.
@@ -53,12 +54,14 @@ def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]],
         for k in recipe.arms.dense_multiples:
             d = read_json(phases.dense_multiple_dir(out, k) / phases.DENSE_MULTIPLE_JSON, phases.DENSE_MULTIPLE_JSON)
             arms[dense_multiple_name(k)] = {"tokens": d["tokens"], "flops": d["flops"]}
-    for arm, folder in (("btm", "forest"), ("random", "random_forest")):
-        if (out / folder / "forest.json").is_file():
-            f = Forest(out / folder)
+    for arm, folder in forest_folders(recipe, out).items():
+        if (folder / "forest.json").is_file():
+            f = Forest(folder)
+            # a forest's compute: its seed's (the snapshot it branched from) plus every expert's
+            branched = read_json(folder.parent / "seed" / "seed.json", "seed.json")  # RUN/seed, RUN/sweep/seed<f>/seed
             arms[arm] = {
-                "tokens": seed["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
-                "flops": seed["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names),
+                "tokens": branched["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
+                "flops": branched["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names),
             }
     notes: list[str] = []
     sizes: dict[str, int | None] = {"demix": None, "btx": None}
@@ -155,6 +158,10 @@ def assemble_results(
     for m in study_methods(recipe):
         results[m.name] = _row(boot, m.name, train_d, novel_d)
         results[m.name].update(train_flops=arms.get(m.arm, {}).get("flops"), inference_params=m.params(sizes))
+        if m.valid is not None:  # validation perplexity: for choosing settings (e.g. the seed fraction) without test data
+            for part, ds in (("train", train_d), ("novel", novel_d)):
+                vals = [statistics.fmean(scores[s][d]["valid_nll"][m.name] for s in seeds) for d in ds]
+                results[m.name][f"valid_{part}_mean"] = math.exp(statistics.fmean(vals)) if vals else None
         if len(seeds) > 1:
             per = [_seed_means(scores[s], m.name, train_d, novel_d) for s in seeds]
             for part in ("train", "novel"):
