@@ -146,7 +146,8 @@ for _post in UPDATING_POSTERIORS:
     ))
 for _k in (1, 2):
     register(StudyMethod(
-        f"btm_ensemble_cached_top{_k}", "btm", f"the cached-prior ensemble of the {_k} experts with the largest prior",
+        f"btm_ensemble_cached_top{_k}", "btm",
+        f"the cached-prior ensemble of the {_k} expert{'s' if _k > 1 else ''} with the largest prior (only those run)",
         _cached("btm", top_k=_k), _n_experts_running(_k), enabled=_top_k_enabled(_k),
     ))
 register(StudyMethod(
@@ -222,4 +223,12 @@ def study_methods(recipe: Recipe) -> list[StudyMethod]:
 
 def method_names_help() -> str:
     """`name: help` for every registered method (README and --help lists come from here)."""
-    return "\n".join(f"- `{m.name}` ({m.arm}): {m.help}" for m in STUDY_METHODS.values())
+    families = [dense_multiple_method(2.0), seed_fraction_method(0.7)]
+    lines = [f"- `{m.name}` ({m.arm}): {m.help}" for m in STUDY_METHODS.values()]
+    lines += [f"- `{m.name}` ({m.arm}), one per entry of arms.{key}: {m.help}"
+              for m, key in zip(families, ("dense_multiples", "seed_fractions"))]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # README's list of study methods: python -m elmforest.methods
+    print(method_names_help())
