@@ -526,5 +526,5 @@ def check_recipe(recipe: Any, source: str | Path = "recipe") -> None:
             raise ElmError("config.json has no context length (n_positions or max_position_embeddings)", mpath)
     else:
         context = resolve_spec(recipe.model, vocab_size=recipe.tokenizer.vocab_size).context
-    if not recipe.rounds:  # growth rounds plan their own budgets (elmforest.grow)
+    if not recipe.rounds:  # growth rounds plan their own budgets (elmforest.rounds)
         plan_budget(recipe, context, str(source))

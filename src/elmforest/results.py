@@ -65,10 +65,6 @@ def mixture_nll(lp: torch.Tensor, prior: torch.Tensor, posterior: str) -> float:
     return nll_of(mix_logprobs(sub, logw))
 
 
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def unigram_nll(train_arrays: list[np.ndarray], vocab: int, windows: torch.Tensor) -> float:
     """A unigram model of the pooled train tokens (add-one smoothed) scored on the same targets."""
     counts = np.ones(vocab, dtype=np.float64)
