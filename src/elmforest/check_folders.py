@@ -142,16 +142,24 @@ def expected_tensors(model: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
 
 
+def _header_shapes(wpath: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header alone (no checksum; see weight_shapes)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return {}  # verify_weights names the problem
+
+
 def weight_shapes(c: Collector, wpath: Path) -> dict[str, tuple[int, ...]] | None:
     """Name -> shape of every tensor in a safetensors file whose checksum holds; None when it does not."""
-    from safetensors import safe_open
-
     from elmforest.checkpoint import verify_weights
 
     if not c.succeeds(wpath, lambda: verify_weights(wpath)):
         return None
-    with safe_open(str(wpath), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return _header_shapes(wpath)
 
 
 def demix_domains_in(found: dict[str, tuple[int, ...]]) -> int | None:
@@ -309,17 +317,6 @@ def check_training(c: Collector, path: Path, n_domains: int | None = None) -> tu
                 c.add(metrics, f"line {i}: not valid JSON")
                 break
     return info, config
-
-
-def _header_shapes(wpath: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from a safetensors header alone (no checksum; see weight_shapes)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(wpath), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError):
-        return {}  # verify_weights, run next, names the problem
 
 
 def check_dense(c: Collector, path: Path) -> None:
