@@ -213,7 +213,7 @@ def check_run(c: Collector, path: Path) -> None:
                     else:
                         _check_tree(c, part, depth=2)
         else:
-            _check_tree(c, sub, depth=2)  # experts/, random_experts/, forget_<domain>/, ...
+            _check_tree(c, sub, depth=3)  # experts/<d>, random_experts/<r>, forget_<d>/forest, a/b/c/<folder>
     _forest_rules(c, path, recipe)
     own = found.get("tokenizer")
     for rel in ("seed/seed.json", "dense/dense.json", "forest/forest.json", "random_forest/forest.json", "btx/mix.json"):
