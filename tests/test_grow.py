@@ -70,7 +70,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def round1(corpus, tmp_path_factory):
     """A rounds study stopped after round 1 (the 'interrupted' run)."""
-    from elmforest.grow import run_rounds
+    from elmforest.rounds import run_rounds
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("grow") / "run"
@@ -92,7 +92,7 @@ def test_round1_is_a_forest_of_round1_domains(round1):
 
 
 def test_grown_expert_starts_at_prior_weighted_average(round1, tmp_path):
-    from elmforest.grow import branch_grown_expert, choose_parents, expert_recipe, grow_expert
+    from elmforest.growth import branch_grown_expert, choose_parents, expert_recipe, grow_expert
 
     recipe, out, _ = round1
     forest_dir = tmp_path / "forest"
@@ -135,7 +135,7 @@ def test_grown_expert_starts_at_prior_weighted_average(round1, tmp_path):
 
 
 def test_seed_init_copies_the_seed(round1, tmp_path):
-    from elmforest.grow import branch_grown_expert, expert_recipe
+    from elmforest.growth import branch_grown_expert, expert_recipe
 
     recipe, out, _ = round1
     expert_dir = tmp_path / "space_seed"
@@ -148,7 +148,7 @@ def test_seed_init_copies_the_seed(round1, tmp_path):
 
 
 def test_removal_raises_the_removed_domains_perplexity(round1):
-    from elmforest.grow import removal_study, removal_table
+    from elmforest.removal import removal_study, removal_table
 
     recipe, out, _ = round1
     forest_dir = out / "rounds" / "1" / "forest"
@@ -165,7 +165,7 @@ def test_removal_raises_the_removed_domains_perplexity(round1):
 
 
 def test_rounds_resume_without_retraining(round1):
-    from elmforest.grow import run_rounds
+    from elmforest.rounds import run_rounds
 
     recipe, out, _ = round1
     r1 = {d: (out / "experts" / d / "expert.json") for d in ("fruit", "motor", "ocean")}
@@ -201,7 +201,7 @@ def test_rounds_resume_without_retraining(round1):
 def test_cluster_router_ensemble(corpus, tmp_path):
     from elmforest.cluster import ClusterModel, ClusterRouter, cluster_corpus
     from elmforest.corpus import Corpus
-    from elmforest.grow import router_row, router_weights
+    from elmforest.compare import router_row, router_weights
     from elmforest.study import run_study
 
     torch.set_num_threads(1)

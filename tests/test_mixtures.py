@@ -27,8 +27,7 @@ from elmforest.demix import domain_mlps, load_demix
 from elmforest.evaluate import token_logprobs
 from elmforest.forest import Forest
 from elmforest.mixtures import build_moe, demix_optimizer_state, train_demix
-from elmforest.models import ModelSpec, arch_hash, build_model, load_model, save_model
-from elmforest.results import param_count
+from elmforest.models import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
 from elmforest.scoring import domain_windows
 from elmforest.tokenizer import tokenizer_hash, train_tokenizer
 from elmforest.training import lr_at, make_optimizer, read_metrics

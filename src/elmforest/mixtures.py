@@ -43,7 +43,7 @@ from elmforest.corpus import Corpus
 from elmforest.errors import ElmError, require
 from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
-from elmforest.models import SIZES, copy_tokenizer_files, load_model
+from elmforest.models import SIZES, copy_tokenizer_files, load_model, param_count
 from elmforest.sampler import BalancedSampler
 from elmforest.scoring import (
     ExpertPool,
@@ -188,8 +188,6 @@ def train_demix(
         return result
     demix.clear_routing(model)
     demix.save_demix(model, out, domains)
-    from elmforest.results import param_count  # (results imports this module)
-
     meta = {
         "arm": "demix",
         "domains": domains,
@@ -311,8 +309,6 @@ def build_moe(
             "loss_last": info["loss_last"],
         }
     moe.eval()
-    from elmforest.results import param_count
-
     meta = {
         "format": MIX_FORMAT,
         "forest": str(forest.path.resolve()),

@@ -234,6 +234,11 @@ def arch_hash(config: PretrainedConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def param_count(model: torch.nn.Module) -> int:
+    """Every parameter of the model; shared (tied) tensors count once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameters outside the token/position embeddings and the (untied) output projection, as in
     Kaplan et al. 2020's N. Shared (tied) tensors count once."""

@@ -71,10 +71,6 @@ def ema_prior(valid_lp: torch.Tensor, batch_size: int, alpha: float, posterior: 
     return _ema_prior(valid_lp, batch_size, alpha, posterior), math.ceil(valid_lp.shape[1] / batch_size)
 
 
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def unigram_logprobs(train_arrays: list[np.ndarray], vocab: int, windows: torch.Tensor) -> torch.Tensor:
     """A unigram model of the pooled train tokens (add-one smoothed) on the same targets -> [N, T]."""
     counts = np.ones(vocab, dtype=np.float64)

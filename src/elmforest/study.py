@@ -20,54 +20,19 @@ and RUN/report.md combine them: means over seeds, intervals over seeds and docum
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from elmforest import mixtures, phases, storage
-from elmforest.config import Recipe, read_yaml
+from elmforest.config import Recipe
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_expert, read_json
 from elmforest.report import results_table, write_report
+from elmforest.run_folder import claim_run_dir
 from elmforest.tokens import token_array
-
-RECIPE_FILE = "recipe.yaml"
-# Recipe sections that may change between runs of one folder without invalidating its models:
-# where experts run, and (after a fresh evaluation) which arms and how they are evaluated.
-VOLATILE_KEYS = ("launcher", "out")
-REEVALUATE_KEYS = ("arms", "eval")
-
-
-def _sections(data: dict[str, Any], keep: bool, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if (k in keys) == keep}
-
-
-def claim_run_dir(recipe: Recipe, out: Path) -> None:
-    """Record the resolved recipe in RUN/recipe.yaml; refuse a folder holding another recipe's run.
-
-    Changing `launcher` is always fine; changing `arms` or `eval` keeps every trained model and
-    drops the evaluation cache, so the next run re-scores everything with the new settings."""
-    path = out / RECIPE_FILE
-    new = recipe.model_dump(mode="json")
-    if path.is_file():
-        old = read_yaml(path)
-        skip = VOLATILE_KEYS + REEVALUATE_KEYS
-        old_models, new_models = _sections(old, False, skip), _sections(new, False, skip)
-        if old_models != new_models:
-            changed = sorted(k for k in set(old_models) | set(new_models) if old_models.get(k) != new_models.get(k))
-            raise ElmError(
-                f"this folder holds a run of a different recipe ({', '.join(changed)} differ); use another --out",
-                out,
-            )
-        if _sections(old, True, REEVALUATE_KEYS) != _sections(new, True, REEVALUATE_KEYS) and (out / "eval").is_dir():
-            shutil.rmtree(out / "eval")  # re-score every method with the new arms / eval settings
-    out.mkdir(parents=True, exist_ok=True)
-    storage.write_text(path, yaml.safe_dump(new, sort_keys=False))
 
 
 def _train_forest(
@@ -128,8 +93,8 @@ def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
 
 def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     claim_run_dir(recipe, out)
-    if recipe.rounds:  # incremental growth: a study of its own (see elmforest.grow)
-        from elmforest.grow import run_rounds
+    if recipe.rounds:  # incremental growth: a study of its own (see elmforest.rounds)
+        from elmforest.rounds import run_rounds
 
         return run_rounds(recipe, out, progress=progress, log=log)
     seeds = recipe.seed_list

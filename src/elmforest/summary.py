@@ -134,7 +134,7 @@ def assemble_results(
 ) -> dict[str, Any]:
     """results.json of a study over the training seeds `runs` ({seed: run folder}), from their evaluations."""
     from elmforest.models import load_model
-    from elmforest.results import param_count
+    from elmforest.models import param_count
 
     seeds = list(runs)
     first = runs[seeds[0]]

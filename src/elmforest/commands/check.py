@@ -1,4 +1,4 @@
-"""`elmforest check PATH`: validate a corpus, tokenizer, model, expert, forest or run folder deeply."""
+"""`elmforest check PATH`: validate a corpus, tokenizer, model, expert, DEMix/BTX model, forest or run folder deeply."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import typer
 
 def check(
     path: Path = typer.Argument(
-        ..., help="A corpus, tokenizer, model/expert, training run, forest or `elmforest run` folder.",
+        ..., help="A corpus, tokenizer, model/expert, DEMix or BTX model, seed, training run, forest or `elmforest run` folder.",
         show_default=False,
     ),
-    clean: bool = typer.Option(False, "--clean", help="Remove the .*.tmp leftovers of killed writes."),
+    clean: bool = typer.Option(False, "--clean", help="Remove the leftovers of killed writes."),
 ) -> None:
     """Validate a folder deeply and list every problem found, one line each, naming the file.
 
-    Corpus: every split parses and matches manifest.json. Model/expert: weights checksum, tensors match config.json, expert.json fields and hashes. Forest: every expert present and valid, one tokenizer and architecture. Run folder: the recipe and every stage folder present.
+    Corpus: every split parses and matches manifest.json. Model/expert: weights checksum, tensors match config.json, expert.json fields and hashes. DEMix model: tensors are config.json's with every MLP once per domain. BTX model: the Mixtral loads whole and agrees with mix.json. Seed and dense run: seed.json/dense.json agree with the train state and hashes. Forest: every expert present and valid, one tokenizer and architecture. Run folder: the recipe and every part present, each by its role, recording the run's tokenizer hash.
 
-    Exit status 0 when clean, 2 when any problem is found. `.*.tmp` files left by killed writes are harmless leftovers (reported, not problems); --clean removes them.
+    Exit status 0 when clean, 2 when any problem is found. Leftovers of killed writes (`.*.tmp` files, an expert folder copied into a forest but not yet listed, a BTX folder without mix.json) are harmless (reported, not problems); --clean removes them.
     """
     from elmforest.check import check_path, clean_leftovers
 

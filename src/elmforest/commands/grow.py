@@ -51,7 +51,7 @@ def grow(
     ),
 ) -> None:
     """Add a new domain to a trained forest: branch its expert from the forest's prior-weighted average, train it with a round-1 expert's budget (fresh optimizer and schedule), merge it. Rerun the same command to resume an interrupted training."""
-    from elmforest.grow import grow_expert
+    from elmforest.growth import grow_expert
 
     run_dir = run or _run_of(forest)
     meta = grow_expert(_recipe(recipe, run_dir, corpus), run_dir, forest, domain, top_k=top_k, init=init,
@@ -70,7 +70,7 @@ def forget(
     forest: Path = typer.Option(None, "--forest", help="Forest to use (default RUN/forest or the last round's)."),
 ) -> None:
     """Show that removing a domain's expert removes the domain: copy the forest, drop the expert, and compare the cached-prior ensemble's perplexity before and after on that domain, the other domains and the novel ones. Writes RUN/forget_<domain>.json; the original forest is untouched."""
-    from elmforest.grow import removal_study, removal_table
+    from elmforest.removal import removal_study, removal_table
 
     result = removal_study(_recipe(None, run), run, domain, forest_dir=forest)
     print(removal_table(result))
@@ -89,7 +89,7 @@ def compare(
     """Print two runs' results side by side (train and novel means, each novel domain); for a c-BTM run also its clustering (contingency table, adjusted Rand index)."""
     import json
 
-    from elmforest.grow import compare_runs, router_row
+    from elmforest.compare import compare_runs, router_row
 
     extra = None
     rb = _recipe(None, run_b)

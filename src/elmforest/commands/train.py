@@ -38,7 +38,7 @@ def seed(
     """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
     from elmforest.check import check_recipe
     from elmforest.phases import train_seed
-    from elmforest.study import claim_run_dir
+    from elmforest.run_folder import claim_run_dir
 
     r = load_recipe(recipe, set_)
     check_recipe(r, recipe)
