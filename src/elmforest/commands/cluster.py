@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from elmforest.cluster import cluster_corpus
+from elmforest.console import stdout_console
 from elmforest.corpus import Corpus
 
 
@@ -52,7 +52,7 @@ def corpus_cluster(
         table.add_row(name, *map(str, row), str(sum(row)))
     col_totals = [sum(col) for col in zip(*counts)]
     table.add_row("total", *map(str, col_totals), str(sum(col_totals)), style="bold")
-    console = Console()
+    console = stdout_console()
     console.print(table)
     console.print(f"adjusted Rand index vs source domains: {summary['adjusted_rand_index']:.4f}")
     console.print(f"wrote {out} (clusterer in {out / 'clusterer'})")

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from elmforest import storage
+from elmforest.console import stdout_console
 from elmforest.errors import ElmError, require
 from elmforest.forest import Forest, read_json
 from elmforest.scoring import (
@@ -197,7 +197,7 @@ def ensemble(
         save_prior(save, record)
     scores, used = ensemble_scores(pool, windows, prior, posterior, record, top_k, prior_batch, alpha)
 
-    console = Console()
+    console = stdout_console()
     if record is not None:
         console.print(prior_table(record, forest, used))
     console.print(
@@ -299,7 +299,7 @@ def average(
             os.replace(f, staging / f.name)
         built.rmdir()
 
-    console = Console()
+    console = stdout_console()
     if record is not None:
         console.print(prior_table(record, forest))
     table = Table(title=f"{method} average -> {out}")
@@ -362,7 +362,7 @@ def evaluate(
     if forest is not None:
         result.update(ensemble={"prior": prior, "posterior": posterior, "top_k": top_k, "experts_run": {}}, prior={})
 
-    console = Console()
+    console = stdout_console()
     for d in chosen:
         windows = domain_windows(corp, tokenizer_dir, d, split, context, max_tokens)
         if forest is None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from elmforest.console import stdout_console
 from elmforest.corpus import SPLITS
 from elmforest.corpus_import import SKIP_REASONS, ImportedDomain, import_sources
 from elmforest.demo_corpus import build_demo_corpus
@@ -89,7 +90,7 @@ def import_command(
     Lines that cannot be used (blank, not UTF-8, bad JSON, missing field) are skipped and counted in a table.
     """
     manifest, domains = import_sources(sources, out, text_field=text_field, novel=novel)
-    console = Console()
+    console = stdout_console()
     console.print(manifest_table(manifest, f"corpus {out}"))
     skipped = skipped_table(manifest, domains)
     if skipped is not None:
@@ -120,7 +121,7 @@ def demo_command(
             progress.update(task, description=stage, completed=done, total=total)
 
         manifest, built = build_demo_corpus(out, cache, on_progress)
-    console = Console()
+    console = stdout_console()
     console.print(manifest_table(manifest, f"demo corpus {out}"))
     if built:
         console.print(f"built in {time.monotonic() - start:.0f} s")
