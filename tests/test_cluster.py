@@ -1,4 +1,4 @@
-"""c-BTM clustering: balanced k-means bound, tf-idf rebuild, routing, save/load, corpus clustering, CLI."""
+"""c-BTM clustering: tf-idf rebuild, save/load, corpus clustering balanced by tokens or documents, CLI."""
 
 from __future__ import annotations
 
@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 import typer
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.metrics import adjusted_rand_score
 from typer.testing import CliRunner
 
-from elmforest.cluster import (
-    ClusterModel,
-    ClusterRouter,
-    balanced_assign,
-    balanced_kmeans,
-    cluster_capacity,
-    cluster_corpus,
-    cluster_router_weights,
-    fit_clusters,
-)
+from cli_runner import run_cli
+from elmforest.cluster import ClusterModel, cluster_corpus, document_sizes, fit_clusters
 from elmforest.commands.cluster import corpus_cluster
 from elmforest.corpus import Corpus, DomainSource, write_corpus
 from elmforest.errors import ElmError
@@ -37,94 +28,7 @@ def documents(vocab: list[str], n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(vocab, size=int(rng.integers(12, 25)))) for _ in range(n)]
 
 
-def blobs(sizes: list[int], dim: int = 4, spread: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Well-separated Gaussian blobs: centres 1 apart along the axes, small spread."""
-    rng = np.random.default_rng(seed)
-    points, truth = [], []
-    for i, n in enumerate(sizes):
-        centre = np.zeros(dim)
-        centre[i % dim] = 1.0
-        points.append(centre + spread * rng.standard_normal((n, dim)))
-        truth += [i] * n
-    return np.concatenate(points), np.asarray(truth)
-
-
-def greedy_reference(d2: np.ndarray, capacity: int) -> np.ndarray:
-    """The plain walk over all (doc, cluster) pairs sorted by (distance, flat index)."""
-    n, k = d2.shape
-    labels = np.full(n, -1)
-    sizes = np.zeros(k, dtype=int)
-    for flat in np.lexsort((np.arange(n * k), d2.ravel())):
-        i, c = divmod(int(flat), k)
-        if labels[i] < 0 and sizes[c] < capacity:
-            labels[i] = c
-            sizes[c] += 1
-    return labels
-
-
-# ----------------------------------------------------------------------------- balanced k-means
-
-
-def test_capacity_formula():
-    assert cluster_capacity(300, 3, 0.1) == 110  # 100 * 1.1, not 111 from float round-off
-    assert cluster_capacity(100, 4, 0.0) == 25
-    assert cluster_capacity(10, 3, 0.0) == 4
-    assert cluster_capacity(301, 3, 0.1) == 111
-
-
-def test_unequal_blobs_respect_the_size_bound():
-    z, _ = blobs([50, 100, 150])
-    centres, labels = balanced_kmeans(z, 3, tolerance=0.1, seed=0)
-    sizes = np.bincount(labels, minlength=3)
-    assert sizes.sum() == 300
-    assert sizes.max() <= 110  # ceil(300/3 * 1.1)
-    assert sizes.min() >= 1
-    assert centres.shape == (3, 4)
-
-
-@pytest.mark.parametrize("n,k,tol", [(97, 5, 0.0), (200, 7, 0.1), (64, 64, 0.0), (50, 1, 0.3), (31, 4, 0.5)])
-def test_balanced_assign_bound_and_reference_walk(n, k, tol):
-    rng = np.random.default_rng(n * 31 + k)
-    d2 = rng.random((n, k))
-    d2[: n // 4] = np.round(d2[: n // 4], 1)  # ties, so the tie-break order matters too
-    cap = cluster_capacity(n, k, tol)
-    labels = balanced_assign(d2, cap)
-    sizes = np.bincount(labels, minlength=k)
-    assert labels.min() >= 0 and sizes.sum() == n
-    assert sizes.max() <= cap
-    assert sizes.min() >= 1
-    reference = greedy_reference(d2, cap)
-    if (np.bincount(reference, minlength=k) > 0).all():  # no empty-cluster repair needed
-        np.testing.assert_array_equal(labels, reference)
-
-
-def test_empty_cluster_is_repaired_within_the_bound():
-    d2 = np.array([[0.0, 5.0, 9.0], [0.1, 5.0, 8.0], [0.2, 5.0, 7.0], [5.0, 0.0, 6.0]])
-    labels = balanced_assign(d2, capacity=3)  # cluster 2 is nobody's choice
-    assert sorted(np.bincount(labels, minlength=3).tolist()) == [1, 1, 2]
-    assert labels[2] == 2  # the document nearest to centre 2 among those that can move
-
-
-def test_equal_blobs_are_recovered_exactly():
-    z, truth = blobs([60, 60, 60], seed=1)
-    _, labels = balanced_kmeans(z, 3, tolerance=0.1, seed=3)
-    assert adjusted_rand_score(truth, labels) == 1.0
-
-
-def test_balanced_kmeans_is_deterministic():
-    z, _ = blobs([40, 70, 30, 60], spread=0.4, seed=2)
-    c1, l1 = balanced_kmeans(z, 4, tolerance=0.05, seed=7)
-    c2, l2 = balanced_kmeans(z, 4, tolerance=0.05, seed=7)
-    np.testing.assert_array_equal(l1, l2)
-    np.testing.assert_array_equal(c1, c2)
-    texts = documents(FRUIT, 30, 0) + documents(MOTOR, 30, 1)
-    m1, m2 = fit_clusters(texts, 3, seed=5), fit_clusters(texts, 3, seed=5)
-    np.testing.assert_array_equal(m1.labels, m2.labels)
-    np.testing.assert_array_equal(m1.centres, m2.centres)
-    np.testing.assert_array_equal(m1.components, m2.components)
-
-
-# ----------------------------------------------------------------------------- tf-idf, routing, save/load
+# ----------------------------------------------------------------------------- tf-idf, save/load
 
 
 def test_tfidf_rebuild_matches_sklearn():
@@ -148,33 +52,6 @@ def test_svd_dim_is_capped_below_the_vocabulary():
     assert model.components.shape == (3, 4)  # 4 words -> at most 3 SVD dimensions
     z = model.transform(["alpha beta", "delta"])
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0)
-
-
-def test_router_prefers_the_cluster_of_the_vocabulary():
-    fruit, motor = documents(FRUIT, 40, 0), documents(MOTOR, 40, 1)
-    model = fit_clusters(fruit + motor, 2, svd_dim=10, seed=0)
-    fruit_cluster = np.bincount(model.labels[:40], minlength=2).argmax()
-    assert adjusted_rand_score([0] * 40 + [1] * 40, model.labels) == 1.0
-    new_fruit, new_motor = documents(FRUIT, 5, 10), documents(MOTOR, 5, 11)
-    w = cluster_router_weights(model, new_fruit + new_motor, temperature=0.1)
-    assert w.shape == (10, 2)
-    np.testing.assert_allclose(w.sum(1), 1.0)
-    assert (w[:5, fruit_cluster] > 0.9).all() and (w[5:, 1 - fruit_cluster] > 0.9).all()
-    np.testing.assert_array_equal(model.assign(new_fruit), [fruit_cluster] * 5)
-    # a flat temperature gives nearly uniform weights
-    np.testing.assert_allclose(cluster_router_weights(model, new_fruit, temperature=1e6), 0.5, atol=1e-5)
-
-    router = ClusterRouter(model, temperature=0.1, cache_size=2)
-    a = router.weights_for(new_fruit[0])
-    assert router.weights_for(new_fruit[0]) is a and router.computed == 1  # cached, not recomputed
-    np.testing.assert_allclose(a, w[0])
-    assert a.argmax() == fruit_cluster
-    router.weights_for(new_motor[0])
-    router.weights_for(new_motor[1])  # evicts new_fruit[0] (least recently used)
-    router.weights_for(new_fruit[0])
-    assert router.computed == 4
-    with pytest.raises(ElmError):
-        cluster_router_weights(model, new_fruit, temperature=0.0)
 
 
 def test_save_load_round_trip_without_pickle(tmp_path):
@@ -245,8 +122,11 @@ def test_cluster_corpus_recovers_the_domains(two_domain_corpus, tmp_path):
     assert summary["contingency"]["rows"] == ["fruit", "motor"] and counts.shape == (2, 2)
     assert counts.sum() == 160
     assert sorted(counts.max(axis=1).tolist()) == [80, 80]  # each domain lands in one cluster
-    n_train = sum(two_domain_corpus.manifest["domains"][d]["splits"]["train"]["documents"] for d in ("fruit", "motor"))
-    assert max(summary["sizes"]["train"]) <= summary["capacity"] == cluster_capacity(n_train, 2, 0.1)
+    # balanced by tokens (whitespace words without a tokenizer): ceil(words / 2 * 1.1) each
+    words = sum(len(t.split()) for d in ("fruit", "motor") for t in two_domain_corpus.texts(d, "train"))
+    assert summary["balance"] == "tokens" and summary["size_unit"] == "whitespace-separated words"
+    assert summary["capacity"] == -(-words * 11 // 20) and sum(summary["train_size"]) == words
+    assert max(summary["train_size"]) <= summary["capacity"] and summary["over_capacity"] == []
 
     new = Corpus(out)
     assert new.domains == ["cluster0", "cluster1"]
@@ -254,6 +134,7 @@ def test_cluster_corpus_recovers_the_domains(two_domain_corpus, tmp_path):
     assert total == 160
     for c, d in enumerate(new.domains):  # splits are by document hash, so train stays train
         assert len(list(new.texts(d, "train"))) == summary["sizes"]["train"][c]
+        assert sum(len(t.split()) for t in new.texts(d, "train")) == summary["train_size"][c]
     assert new.manifest["clustering"]["adjusted_rand_index"] == summary["adjusted_rand_index"]
     assert new.manifest["domains"]["cluster0"]["licence"] == "CC-BY; CC0"
     assert json.loads((out / "cluster.json").read_text()) == summary
@@ -330,3 +211,87 @@ def test_carried_domains_keep_their_own_documents(two_domain_corpus, tmp_path):
     for d in ("fruit", "motor"):
         got = sorted(t for s in ("train", "valid", "test") for t in Corpus(out3).texts(d, s))
         assert got == sorted(two_domain_corpus.texts(d, "train"))
+
+
+# ----------------------------------------------------------------------------- balancing tokens vs documents
+
+
+@pytest.fixture
+def huge_and_tiny_corpus(tmp_path):
+    """fruit: 10 documents of 220-280 words; motor: 320 documents of 8-12 words (about as many words)."""
+    rng = np.random.default_rng(0)
+    fruit = [" ".join(rng.choice(FRUIT, size=int(rng.integers(220, 281)))) for _ in range(10)]
+    motor = [" ".join(rng.choice(MOTOR, size=int(rng.integers(8, 13)))) for _ in range(320)]
+    write_corpus(tmp_path / "src", [DomainSource("fruit", fruit), DomainSource("motor", motor)])
+    return Corpus(tmp_path / "src")
+
+
+def test_token_balancing_finds_the_domains_that_document_balancing_splits(huge_and_tiny_corpus, tmp_path, capsys):
+    corpus = huge_and_tiny_corpus
+    train = {d: list(corpus.texts(d, "train")) for d in ("fruit", "motor")}
+    words = {d: sum(len(t.split()) for t in train[d]) for d in train}
+    n_docs = len(train["fruit"]) + len(train["motor"])
+    word_cap = -(-(words["fruit"] + words["motor"]) * 11 // 20)  # ceil(words / 2 * 1.1)
+    doc_cap = -(-n_docs * 11 // 20)
+    assert max(words.values()) <= word_cap and len(train["motor"]) > doc_cap  # so the outcomes differ
+
+    by_tokens, by_docs = tmp_path / "by_tokens", tmp_path / "by_docs"
+    code, out_t, err = run_cli(["corpus", "cluster", corpus.path, "--k", 2, "--out", by_tokens, "--svd-dim", 10], capsys)
+    assert code == 0, err
+    code, out_d, err = run_cli(["corpus", "cluster", corpus.path, "--k", 2, "--out", by_docs, "--svd-dim", 10,
+                                "--balance", "documents"], capsys)
+    assert code == 0, err
+
+    # tokens: every cluster's train words (counted here from the written corpus) within the bound,
+    # and each source domain whole in one cluster
+    new = Corpus(by_tokens)
+    cluster_words = [sum(len(t.split()) for t in new.texts(c, "train")) for c in new.domains]
+    assert max(cluster_words) <= word_cap
+    summary = json.loads((by_tokens / "cluster.json").read_text())
+    assert summary["capacity"] == word_cap and summary["train_size"] == cluster_words
+    assert sorted(max(row) / sum(row) for row in summary["contingency"]["counts"]) == [1.0, 1.0]
+    assert summary["adjusted_rand_index"] == 1.0
+    assert "balanced by whitespace-separated words" in out_t and "adjusted Rand index vs source domains: 1.0000" in out_t
+
+    # documents: every cluster within ceil(n/2 * 1.1) train documents, so motor must be split
+    new = Corpus(by_docs)
+    cluster_docs = [len(list(new.texts(c, "train"))) for c in new.domains]
+    assert max(cluster_docs) <= doc_cap
+    summary_d = json.loads((by_docs / "cluster.json").read_text())
+    assert summary_d["balance"] == "documents" and summary_d["capacity"] == doc_cap
+    motor_row = summary_d["contingency"]["counts"][1]
+    assert min(motor_row) > 0  # motor in both clusters
+    assert summary_d["adjusted_rand_index"] < 0.5
+    assert summary_d["contingency"]["counts"] != summary["contingency"]["counts"]
+    assert "balanced by documents" in out_d
+
+
+def test_tokenizer_sizes_are_its_token_counts(two_domain_corpus, tmp_path):
+    from elmforest.tokenizer import load_tokenizer, train_tokenizer
+
+    tok_dir = train_tokenizer(two_domain_corpus, ["fruit", "motor"], 300, tmp_path / "tok")
+    out = tmp_path / "clustered"
+    summary = cluster_corpus(two_domain_corpus, ["fruit", "motor"], 2, out, svd_dim=10, seed=0, tokenizer=tok_dir)
+    tok = load_tokenizer(tok_dir)
+    new = Corpus(out)
+    tokens = [sum(len(tok.encode(t, add_special_tokens=False)) for t in new.texts(c, "train")) for c in new.domains]
+    words = [sum(len(t.split()) for t in new.texts(c, "train")) for c in new.domains]
+    assert summary["size_unit"] == "tokens" and summary["tokenizer"] == str(tok_dir)
+    assert summary["train_size"] == tokens != words  # BPE tokens, not words
+    assert summary["capacity"] == -(-sum(tokens) * 11 // 20) >= max(tokens)
+    texts = ["apple banana", "engine piston turbo", "kiwi"]
+    np.testing.assert_array_equal(document_sizes(texts, tok_dir), [len(tok.encode(t, add_special_tokens=False)) for t in texts])
+    np.testing.assert_array_equal(document_sizes(texts), [2, 3, 1])
+
+
+def test_balance_options_are_checked(two_domain_corpus, tmp_path, capsys):
+    code, _, err = run_cli(["corpus", "cluster", two_domain_corpus.path, "--k", 2, "--out", tmp_path / "o",
+                            "--balance", "bytes"], capsys)
+    assert code == 2 and "--balance" in err and "bytes" in err
+    code, _, err = run_cli(["corpus", "cluster", two_domain_corpus.path, "--k", 2, "--out", tmp_path / "o",
+                            "--balance", "documents", "--tokenizer", tmp_path], capsys)
+    assert code == 2 and "balance='tokens'" in err
+    code, _, err = run_cli(["corpus", "cluster", two_domain_corpus.path, "--k", 2, "--out", tmp_path / "o",
+                            "--tokenizer", tmp_path / "nothing"], capsys)
+    assert code == 2 and str(tmp_path / "nothing") in err
+    assert not (tmp_path / "o").exists()

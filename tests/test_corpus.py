@@ -1,4 +1,4 @@
-"""`elmforest corpus import`: round trips, skipped-line counts, and one-line errors (exit 2)."""
+"""`elmforest corpus import`: round trips, strict bad-line errors, skipped-line counts, and one-line errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from elmforest.cli import main
+from cli_runner import run_cli
 from elmforest.corpus import SPLITS, Corpus
 from elmforest.corpus_import import import_sources, inspect_sources
 from elmforest.errors import ElmError
@@ -17,17 +17,6 @@ from elmforest.errors import ElmError
 def _write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
     return path
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _all_texts(corpus: Corpus, domain: str) -> dict[str, list[str]]:
@@ -46,7 +35,7 @@ def test_import_round_trip_jsonl_and_txt_folder(tmp_path, capsys):
     (folder / "notes.md").write_text("not a .txt file, ignored", encoding="utf-8")
 
     out = tmp_path / "corpus"
-    code, stdout, stderr = _run(["corpus", "import", str(src), str(folder), "--out", str(out), "--novel", "letters"], capsys)
+    code, stdout, stderr = run_cli(["corpus", "import", str(src), str(folder), "--out", str(out), "--novel", "letters"], capsys)
     assert code == 0, stderr
     assert "news" in stdout and "letters" in stdout and "skipped" not in stdout  # nothing was skipped
 
@@ -75,38 +64,103 @@ def test_import_round_trip_jsonl_and_txt_folder(tmp_path, capsys):
             assert (out / domain / f"{s}.jsonl").read_bytes() == (out2 / domain / f"{s}.jsonl").read_bytes()
 
 
-def test_import_counts_and_reports_skipped_lines(tmp_path, capsys):
-    src = tmp_path / "mixed.jsonl"
-    lines = [
-        json.dumps({"body": "first good document"}).encode(),
-        b"",  # blank
-        b"   ",  # blank
-        json.dumps({"body": "   "}).encode(),  # blank text
-        b"\xff\xfe not utf-8",  # not UTF-8
-        b"{not json",  # bad JSON
-        b"[1, 2]",  # no field (not an object)
-        json.dumps({"text": "wrong field"}).encode(),  # no field
-        json.dumps({"body": 7}).encode(),  # field not a string
-        json.dumps({"body": "second good document"}).encode(),
-        json.dumps({"body": "second good document"}).encode(),  # exact duplicate
-    ]
-    src.write_bytes(b"\n".join(lines) + b"\n")
+MIXED_LINES = [  # line number: what it is, with --text-field body
+    json.dumps({"body": "first good document"}).encode(),  # 1
+    b"",  # 2 blank
+    b"   ",  # 3 blank
+    json.dumps({"body": "   "}).encode(),  # 4 blank text
+    b"\xff\xfe not utf-8",  # 5 not UTF-8
+    b"{not json",  # 6 bad JSON
+    b"[1, 2]",  # 7 no field (not an object)
+    json.dumps({"text": "wrong field"}).encode(),  # 8 no field
+    json.dumps({"body": 7}).encode(),  # 9 field not a string
+    json.dumps({"body": "second good document"}).encode(),  # 10
+    json.dumps({"body": "second good document"}).encode(),  # 11 exact duplicate
+]
 
-    [dom] = inspect_sources([src], text_field="body")
+
+def test_skip_bad_lines_counts_and_reports_them(tmp_path, capsys):
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join(MIXED_LINES) + b"\n")
+
+    [dom] = inspect_sources([src], text_field="body", skip_bad_lines=True)
     assert dom.usable == 3
     assert dict(dom.skipped) == {"blank": 3, "not UTF-8": 1, "bad JSON": 1, "missing field": 3}
 
     out = tmp_path / "c"
-    code, stdout, stderr = _run(["corpus", "import", str(src), "--out", str(out), "--text-field", "body"], capsys)
+    code, stdout, stderr = run_cli(
+        ["corpus", "import", src, "--out", out, "--text-field", "body", "--skip-bad-lines"], capsys)
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
     dom_m = manifest["domains"]["mixed"]
     assert sum(dom_m["splits"][s]["documents"] for s in SPLITS) == 2  # duplicate dropped
     assert dom_m["import"]["skipped"] == {"blank": 3, "not UTF-8": 1, "bad JSON": 1, "missing field": 3}
+    assert dom_m["import"]["skip_bad_lines"] is True
     # the skipped table names the domain with its counts per reason and the duplicate
     skipped_part = stdout[stdout.index("skipped"):]
     row = next(line for line in skipped_part.splitlines() if line.startswith("│ mixed "))
     assert [c.strip() for c in row.strip("│ ").split("│")][2:] == ["3", "1", "1", "3", "1"]
+
+
+@pytest.mark.parametrize(
+    "bad_line,message",
+    [
+        (b"\xff\xfe not utf-8", "line 3: not UTF-8 (byte 0xff at byte 1 of the line)"),
+        (b'{"body": "unterminated', "line 3: bad JSON at column 10 (Unterminated string starting at)"),
+        (b"[1, 2]", "line 3: a JSON array, not an object with a string field 'body'"),
+        (b'{"text": "wrong field"}', "line 3: no field 'body' (see --text-field)"),
+        (b'{"body": 7}', "line 3: field 'body' is a JSON number, not a string"),
+        (b'{"body": null}', "line 3: field 'body' is a JSON null, not a string"),
+    ],
+    ids=["not-utf8", "bad-json", "not-object", "missing-field", "number-field", "null-field"],
+)
+def test_strict_import_stops_at_the_first_bad_line(tmp_path, capsys, bad_line, message):
+    good = _write_jsonl(tmp_path / "good.jsonl", ["a fine document"], field="body")
+    src = tmp_path / "broken.jsonl"
+    lines = [json.dumps({"body": "line one"}).encode(), b"", bad_line,
+             json.dumps({"body": "line four"}).encode(), b"{also bad"]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["corpus", "import", good, src, "--out", out, "--text-field", "body"], capsys)
+    assert code == 2
+    # one line: the file, the first bad line's number (line 2 is blank, skipped silently; line 5
+    # is bad too but never reached) and what is wrong, then the way out
+    hint = "fix the line or pass --skip-bad-lines to skip such lines"
+    assert stderr.splitlines() == [f"elmforest: error: {src}: {message}; {hint}"]
+    assert "Traceback" not in stderr and stdout == ""
+    assert not out.exists()  # nothing written, not even an empty folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_strict_import_counts_line_numbers_from_one_across_blank_lines(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join([json.dumps({"text": f"doc {i}"}) for i in range(40)] + ["", "", "oops", ""]) + "\n",
+                   encoding="utf-8")
+    code, _, stderr = run_cli(["corpus", "import", src, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{src}: line 43: bad JSON at column 1 (Expecting value);" in stderr  # 40 documents, 2 blank, then it
+    assert not (tmp_path / "out").exists()
+    # blank lines alone are no error, and --skip-bad-lines imports the 40 documents
+    code, _, stderr = run_cli(["corpus", "import", src, "--out", tmp_path / "out", "--skip-bad-lines"], capsys)
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["domains"]["d"]["import"]["skipped"] == {"blank": 3, "bad JSON": 1}
+    assert sum(manifest["domains"]["d"]["splits"][s]["documents"] for s in SPLITS) == 40
+
+
+def test_strict_import_names_a_txt_file_that_is_not_utf8(tmp_path, capsys):
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a letter", encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"caf\xe9 latin-1")
+    (folder / "c.txt").write_text("   ", encoding="utf-8")  # blank: skipped in both modes
+    code, _, stderr = run_cli(["corpus", "import", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert stderr.startswith(f"elmforest: error: {folder / 'b.txt'}: not UTF-8 (byte 0xe9 at byte 4)")
+    assert not (tmp_path / "out").exists()
+    code, _, stderr = run_cli(["corpus", "import", folder, "--out", tmp_path / "out", "--skip-bad-lines"], capsys)
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["domains"]["letters"]["import"]["skipped"] == {"not UTF-8": 1, "blank": 1}
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -115,7 +169,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     binary = tmp / "binary.jsonl"
     binary.write_bytes(b'{"text": "x"}\n\x00\x01\x02\x89PNG')
     empty = tmp / "empty.jsonl"
-    empty.write_text("\n\n{\"other\": \"x\"}\nnot json\n", encoding="utf-8")
+    empty.write_text('\n\n{"text": "  "}\n\n', encoding="utf-8")  # blank lines and a blank text only
     (tmp / "a").mkdir()
     (tmp / "b").mkdir()
     dup1 = _write_jsonl(tmp / "a" / "news.jsonl", ["one"])
@@ -162,7 +216,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_file(tmp_path, capsys, case)
     if case not in cases:
         pytest.skip("running as root: every file is readable")
     args, named = cases[case]
-    code, stdout, stderr = _run(["corpus", "import", *args], capsys)
+    code, stdout, stderr = run_cli(["corpus", "import", *args], capsys)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("elmforest: error: ")

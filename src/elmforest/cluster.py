@@ -1,13 +1,15 @@
-"""c-BTM: discover domains without labels and route by distance to cluster centres.
+"""c-BTM: discover domains without labels, one cluster of documents per expert.
 
 c-BTM (Gururangan et al. 2023) replaces metadata domains by clusters of documents:
 
     text --tf-idf--> sparse [n, V] --SVD--> [n, svd_dim] --L2 normalise--> z   (unit vectors)
-    z --balanced k-means--> k centres; every cluster holds at most ceil(n/k * (1+tolerance)) docs
+    z --balanced k-means--> k centres; every cluster holds at most ceil(T/k * (1+tolerance))
+                            tokens (T: all tokens), or documents with balance="documents"
 
 Each cluster becomes a domain and gets its own expert. At inference a context is routed by its
-squared distance to the centres: w_c = softmax_c(-|z - centre_c|^2 / T), computed once per
-document, not per token.
+squared distance to the centres (`elmforest.cluster_router`). The pieces: `elmforest.tfidf`
+(the encoder), `elmforest.balanced_kmeans` (the size-bounded assignment), this module (the
+fitted `ClusterModel`, document sizes, clustering a corpus into a new one).
 
 Nothing here is pickled: a fitted `ClusterModel` is saved as JSON (vocabulary, idf, settings)
 plus `.npy` arrays (SVD components, centres) read with `allow_pickle=False`, and the tf-idf
@@ -18,9 +20,7 @@ folder can be opened safely.
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,198 +30,19 @@ import numpy as np
 import scipy.sparse as sp
 
 from elmforest import storage
+from elmforest.balanced_kmeans import balanced_kmeans, cluster_capacity, over_capacity, squared_distances
+from elmforest.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter  # noqa: F401  (callers import them from here)
 from elmforest.corpus import SPLITS, Corpus, DomainSource, MANIFEST, write_corpus
 from elmforest.errors import ElmError, require
+from elmforest.tfidf import TfidfEncoder, fit_tfidf
 
 CLUSTERER_FORMAT = "elmforest-clusterer/1"
 CLUSTERER_JSON = "clusterer.json"
 COMPONENTS_NPY = "svd_components.npy"
 CENTRES_NPY = "centres.npy"
 CLUSTER_JSON = "cluster.json"
-TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of 2+ word characters
-DEFAULT_TEMPERATURE = 0.1
-
-
-# ----------------------------------------------------------------------------- tf-idf
-
-
-@dataclass
-class TfidfEncoder:
-    """The tf-idf transform of a fitted `TfidfVectorizer(sublinear_tf=True)`, rebuilt by hand.
-
-    For one document: lowercase, find tokens with `token_pattern`, drop stop words and words not
-    in the vocabulary, count; tf = 1 + log(count); x_t = tf * idf_t; x /= |x|_2. This is exactly
-    what scikit-learn computes (checked against it in the tests), but needs only a word list and
-    an idf vector, so it loads without unpickling anything.
-    """
-
-    terms: list[str]  # column j holds terms[j]
-    idf: np.ndarray  # [V] float64
-    stop_words: frozenset[str]
-    token_pattern: str = TOKEN_PATTERN
-
-    def __post_init__(self) -> None:
-        self._index = {t: j for j, t in enumerate(self.terms)}
-        self._regex = re.compile(self.token_pattern)
-
-    def encode(self, texts: list[str]) -> sp.csr_matrix:
-        """[n, V] sparse tf-idf rows, each L2-normalised (all-zero rows stay zero)."""
-        indptr, indices, data = [0], [], []
-        for text in texts:
-            counts: dict[int, int] = {}
-            for tok in self._regex.findall(text.lower()):
-                j = self._index.get(tok)
-                if j is not None and tok not in self.stop_words:
-                    counts[j] = counts.get(j, 0) + 1
-            cols = sorted(counts)
-            indices.extend(cols)
-            data.extend(counts[j] for j in cols)
-            indptr.append(len(indices))
-        x = sp.csr_matrix(
-            (np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
-            shape=(len(texts), len(self.terms)),
-        )
-        x.data = (np.log(x.data) + 1.0) * self.idf[x.indices]  # sublinear tf times idf
-        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())  # [n]
-        row_of = np.repeat(np.arange(len(texts)), np.diff(x.indptr))
-        x.data /= np.where(norms > 0, norms, 1.0)[row_of]
-        return x
-
-
-def fit_tfidf(texts: list[str], max_features: int, stop_words: bool) -> tuple[TfidfEncoder, sp.csr_matrix]:
-    """Fit scikit-learn's `TfidfVectorizer` and return our encoder plus the [n, V] training matrix."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
-
-    vec = TfidfVectorizer(
-        sublinear_tf=True,
-        stop_words="english" if stop_words else None,
-        max_features=max_features,
-        token_pattern=TOKEN_PATTERN,
-        lowercase=True,
-        dtype=np.float64,
-    )
-    try:
-        x = vec.fit_transform(texts)
-    except ValueError as e:  # "empty vocabulary; perhaps the documents only contain stop words"
-        raise ElmError(f"cannot build a tf-idf vocabulary: {e}") from None
-    terms = [""] * len(vec.vocabulary_)
-    for term, j in vec.vocabulary_.items():
-        terms[int(j)] = term
-    encoder = TfidfEncoder(
-        terms=terms,
-        idf=np.asarray(vec.idf_, dtype=np.float64),
-        stop_words=frozenset(ENGLISH_STOP_WORDS) if stop_words else frozenset(),
-    )
-    return encoder, x.tocsr()
-
-
-# ----------------------------------------------------------------------------- balanced k-means
-
-
-def squared_distances(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """[n, k] squared Euclidean distances: |z|^2 + |c|^2 - 2 z.c, clipped at 0 against round-off."""
-    d2 = (z * z).sum(1)[:, None] + (centres * centres).sum(1)[None, :] - 2.0 * z @ centres.T
-    return np.maximum(d2, 0.0)
-
-
-def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: first centre uniform, each next one drawn with probability ~ D(x)^2."""
-    n = z.shape[0]
-    chosen = [int(rng.integers(n))]
-    d2 = squared_distances(z, z[chosen]).ravel()  # [n] distance to the nearest chosen centre
-    for _ in range(1, k):
-        total = d2.sum()
-        # All remaining points coincide with a centre (duplicates): any point will do.
-        p = d2 / total if total > 0 else np.full(n, 1.0 / n)
-        i = int(rng.choice(n, p=p))
-        chosen.append(i)
-        d2 = np.minimum(d2, squared_distances(z, z[i : i + 1]).ravel())
-    return z[chosen].copy()
-
-
-def cluster_capacity(n: int, k: int, tolerance: float) -> int:
-    """The size bound of balanced k-means: ceil(n/k * (1 + tolerance)); always >= n/k."""
-    return math.ceil(n / k * (1.0 + tolerance) - 1e-9)  # -1e-9: 100/4*1.0 must stay 25, not 26
-
-
-def balanced_assign(d2: np.ndarray, capacity: int) -> np.ndarray:
-    """Capacity-constrained assignment: greedy over (document, cluster) pairs by ascending distance.
-
-    Reference algorithm: sort all n*k pairs by (distance, doc*k + cluster); walk them in order
-    and accept a pair when its document is still unassigned and its cluster holds fewer than
-    `capacity` documents. That walk is done here in at most k vectorised rounds: every
-    unassigned document proposes its nearest open cluster; the proposals are accepted in greedy
-    order up to the first one that overflows a cluster; that cluster is closed, and the rest
-    propose again. (Before a cluster fills, the walk accepts exactly each document's first
-    pair to an open cluster, so the rounds reproduce the walk.)
-
-    Bound, and why every document is placed: no cluster ever exceeds `capacity` (a full cluster
-    is closed). A document left over would mean all k clusters were full, i.e. k * capacity
-    documents placed, but k * capacity >= n (capacity >= n/k), a contradiction.
-
-    Afterwards, any empty cluster takes its nearest document from a cluster holding more than
-    one (sizes only move 1 -> 0 + 1, so the bound still holds); with n >= k no cluster is empty.
-    """
-    n, k = d2.shape
-    require(capacity * k >= n, f"capacity {capacity} x {k} clusters cannot hold {n} documents")
-    labels = np.full(n, -1, dtype=np.int64)
-    room = np.full(k, capacity, dtype=np.int64)  # free places per cluster
-    todo = np.arange(n)
-    while todo.size:
-        m = todo.size
-        dist = np.where(room > 0, d2[todo], np.inf)  # [m, k]; closed clusters are unreachable
-        nearest = dist.argmin(1)  # lowest cluster index among ties, as in the flat sort
-        best = dist[np.arange(m), nearest]
-        order = np.lexsort((todo * k + nearest, best))  # greedy order of the proposals
-        c_in_order = nearest[order]
-        counts = np.bincount(c_in_order, minlength=k)
-        over = np.flatnonzero(counts > room)
-        if over.size == 0:
-            stop = m  # nobody overflows: accept all proposals
-        else:
-            # rank r of cluster c in greedy order sits at grouped[starts[c] + r]
-            grouped = np.argsort(c_in_order, kind="stable")
-            starts = np.cumsum(counts) - counts
-            stop = int(grouped[starts[over] + room[over] - 1].min()) + 1  # first cluster to fill
-        take = order[:stop]
-        labels[todo[take]] = nearest[take]
-        room -= np.bincount(nearest[take], minlength=k)
-        todo = np.delete(todo, take)
-    sizes = np.bincount(labels, minlength=k)
-    for c in np.flatnonzero(sizes == 0):
-        donors = sizes[labels] > 1  # documents whose cluster can spare one
-        i = int(np.flatnonzero(donors)[d2[donors, c].argmin()])
-        sizes[labels[i]] -= 1
-        labels[i] = c
-        sizes[c] = 1
-    return labels
-
-
-def balanced_kmeans(
-    z: np.ndarray, k: int, tolerance: float = 0.1, seed: int = 0, max_iter: int = 50
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations with the capacity-constrained assignment of `balanced_assign`.
-
-    k-means++ seeding from `seed`, then: assign (every cluster <= ceil(n/k * (1+tolerance))
-    documents, none empty), move each centre to its documents' mean, until the assignment stops
-    changing or `max_iter` rounds. Deterministic for a given seed. Returns (centres [k, d],
-    labels [n]).
-    """
-    n = z.shape[0]
-    require(1 <= k <= n, f"k={k} must be between 1 and the number of documents ({n})")
-    require(tolerance >= 0, f"tolerance={tolerance} must be >= 0")
-    capacity = cluster_capacity(n, k, tolerance)
-    centres = kmeans_plus_plus(z, k, np.random.default_rng(seed))
-    labels = np.full(n, -1, dtype=np.int64)
-    for _ in range(max_iter):
-        new = balanced_assign(squared_distances(z, centres), capacity)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, z)
-        centres = sums / np.bincount(labels, minlength=k)[:, None]  # no cluster is empty
-    return centres, labels
+BALANCES = ("tokens", "documents")
+WORDS = "whitespace-separated words"  # the token proxy without a tokenizer (c-BTM's own count)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -346,12 +167,15 @@ def fit_clusters(
     max_features: int = 50000,
     stop_words: bool = True,
     max_iter: int = 50,
+    sizes: np.ndarray | list[int] | None = None,
 ) -> ClusterModel:
     """Fit tf-idf (sublinear tf) -> TruncatedSVD -> L2 normalise -> balanced k-means.
 
     The SVD keeps min(svd_dim, V - 1, n) dimensions (V = vocabulary size, n = documents).
-    Every cluster of the fitted texts holds at most ceil(n/k * (1 + tolerance)) documents
-    (see `balanced_assign`).
+    `sizes`: [n] each text's size (tokens, see `document_sizes`); every cluster of the fitted
+    texts then holds at most ceil(sum(sizes)/k * (1 + tolerance)) of it. None balances
+    documents: at most ceil(n/k * (1 + tolerance)) each. See `balanced_assign`, also for a
+    document larger than that bound.
     """
     from sklearn.decomposition import TruncatedSVD
 
@@ -362,6 +186,9 @@ def fit_clusters(
     require(tolerance >= 0, f"tolerance={tolerance} must be >= 0")
     require(svd_dim >= 1, f"svd_dim={svd_dim} must be >= 1")
     require(max_features >= 2, f"max_features={max_features} must be >= 2")
+    if sizes is not None:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        require(sizes.shape == (n,), f"sizes has {sizes.size} entries for {n} texts")
     encoder, x = fit_tfidf(texts, max_features=max_features, stop_words=stop_words)
     vocab = len(encoder.terms)
     require(vocab >= 2, f"the documents have only {vocab} distinct word(s); tf-idf + SVD needs at least 2")
@@ -370,53 +197,28 @@ def fit_clusters(
     model = ClusterModel(encoder=encoder, components=np.asarray(svd.components_, dtype=np.float64),
                          centres=np.zeros((k, svd.components_.shape[0])))
     z = model.project(x)  # the same arithmetic as `transform`, without re-tokenising
-    model.centres, model.labels = balanced_kmeans(z, k, tolerance=tolerance, seed=seed, max_iter=max_iter)
+    model.centres, model.labels = balanced_kmeans(z, k, tolerance=tolerance, seed=seed, max_iter=max_iter,
+                                                  sizes=sizes)
     return model
 
 
-# ----------------------------------------------------------------------------- routing
+# ----------------------------------------------------------------------------- document sizes
 
 
-def cluster_router_weights(
-    model: ClusterModel, texts: list[str], temperature: float = DEFAULT_TEMPERATURE
-) -> np.ndarray:
-    """[n, k] routing weights: softmax over clusters of -|z - centre|^2 / temperature.
+def document_sizes(texts: list[str], tokenizer_dir: str | Path | None = None) -> np.ndarray:
+    """[n] int64 size of each text: its tokens under the tokenizer folder, else its `WORDS`.
 
-    One row per document (or context), computed once for the whole text, not per token; the
-    rows sum to 1. With unit vectors d^2 lies in [0, 4]; a small temperature makes it sharp.
+    Without a tokenizer the size is the number of whitespace-separated words (`len(text.split())`,
+    the count c-BTM's own data loader keeps). A BPE tokenizer splits words differently per kind
+    of text (code and rare words into more tokens), so the proxy balances a little differently.
     """
-    require(temperature > 0, f"temperature={temperature} must be > 0")
-    logits = -squared_distances(model.transform(texts), model.centres) / temperature  # [n, k]
-    logits -= logits.max(axis=1, keepdims=True)  # stable softmax
-    w = np.exp(logits)
-    return w / w.sum(axis=1, keepdims=True)
+    if tokenizer_dir is None:
+        return np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
+    from elmforest.tokenizer import load_tokenizer
+    from elmforest.tokens import encode_documents
 
-
-class ClusterRouter:
-    """Routing weights per text with an LRU cache keyed by the text (one computation per document)."""
-
-    def __init__(self, model: ClusterModel, temperature: float = DEFAULT_TEMPERATURE, cache_size: int = 4096):
-        require(temperature > 0, f"temperature={temperature} must be > 0")
-        require(cache_size >= 1, f"cache_size={cache_size} must be >= 1")
-        self.model = model
-        self.temperature = temperature
-        self.cache_size = cache_size
-        self.computed = 0  # how many texts were actually encoded (cache misses)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def weights_for(self, text: str) -> np.ndarray:
-        """[k] weights over the clusters for one text (read-only; rows sum to 1)."""
-        w = self._cache.get(text)
-        if w is not None:
-            self._cache.move_to_end(text)
-            return w
-        w = cluster_router_weights(self.model, [text], self.temperature)[0]
-        w.flags.writeable = False
-        self.computed += 1
-        self._cache[text] = w
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)  # evict the least recently used
-        return w
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
+    return np.fromiter((len(ids) for ids in encode_documents(tokenizer, texts)), dtype=np.int64, count=len(texts))
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -439,22 +241,31 @@ def cluster_corpus(
     max_features: int = 50000,
     stop_words: bool = True,
     carry: list[str] | None = None,
+    balance: str = "tokens",
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Re-split the documents of `domains` (all of them if None) into k clusters, written as a new corpus.
 
     `carry`: other domains copied unchanged into the new corpus (e.g. the novel domains a study
     evaluates on); they are not clustered and not in the contingency table.
 
+    `balance`: "tokens" (c-BTM: every cluster holds at most ceil(T/k * (1 + tolerance)) of the
+    T train tokens, counted with the `tokenizer` folder when given, else as whitespace-separated
+    words) or "documents" (at most ceil(n/k * (1 + tolerance)) train documents).
+
     Fitted on the train split (balanced assignment); valid/test documents go to their nearest
     centre. The new corpus has domains cluster0..cluster{k-1}; it holds `clusterer/` (the
-    fitted `ClusterModel`) and `cluster.json` (settings, sizes, contingency table of source
-    domain x cluster over all splits, adjusted Rand index against the source domains); its
-    manifest gets a short `clustering` entry. The whole folder appears atomically.
+    fitted `ClusterModel`) and `cluster.json` (settings, the size unit, capacity, each cluster's
+    documents per split and train size, contingency tables of source domain x cluster over all
+    splits in documents and in size units, adjusted Rand index against the source domains);
+    its manifest gets a short `clustering` entry. The whole folder appears atomically.
     Returns the `cluster.json` content. All documents are held in memory.
     """
     from sklearn.metrics import adjusted_rand_score
 
     out = Path(out)
+    require(balance in BALANCES, f"balance={balance!r} must be one of {', '.join(BALANCES)}")
+    require(tokenizer is None or balance == "tokens", "a tokenizer counts tokens: it needs balance='tokens'")
     domains = list(corpus.domains) if domains is None else list(domains)
     require(domains, "no domains to cluster", corpus.path)
     require(len(set(domains)) == len(domains), f"duplicate domains in {domains}")
@@ -477,17 +288,29 @@ def cluster_corpus(
             truth[s].extend([i] * len(docs))
     n_train = len(texts["train"])
     require(1 <= k <= n_train, f"k={k} must be between 1 and the number of train documents ({n_train})", corpus.path)
+    if balance == "documents":
+        unit = "documents"
+        sizes = {s: np.ones(len(texts[s]), dtype=np.int64) for s in SPLITS}
+    else:
+        unit = "tokens" if tokenizer is not None else WORDS
+        sizes = {s: document_sizes(texts[s], tokenizer) for s in SPLITS}
 
     model = fit_clusters(texts["train"], k, svd_dim=svd_dim, seed=seed, tolerance=tolerance,
-                         max_features=max_features, stop_words=stop_words)
+                         max_features=max_features, stop_words=stop_words,
+                         sizes=None if balance == "documents" else sizes["train"])
     labels = {s: model.labels if s == "train" else model.assign(texts[s]) for s in SPLITS}
     all_truth = np.concatenate([np.asarray(truth[s], dtype=np.int64) for s in SPLITS])
     all_labels = np.concatenate([np.asarray(labels[s], dtype=np.int64) for s in SPLITS])
-    table = np.zeros((len(domains), k), dtype=np.int64)  # [source domain, cluster]
+    all_sizes = np.concatenate([sizes[s] for s in SPLITS])
+    table = np.zeros((len(domains), k), dtype=np.int64)  # [source domain, cluster] documents
     np.add.at(table, (all_truth, all_labels), 1)
+    size_table = np.zeros((len(domains), k), dtype=np.int64)  # [source domain, cluster] sizes
+    np.add.at(size_table, (all_truth, all_labels), all_sizes)
+    train_total = int(sizes["train"].sum())
+    capacity = cluster_capacity(train_total, k, tolerance)
     names = [f"cluster{c}" for c in range(k)]
     summary: dict[str, Any] = {
-        "method": "c-BTM: tf-idf (sublinear) -> TruncatedSVD -> L2 -> balanced k-means",
+        "method": f"c-BTM: tf-idf (sublinear) -> TruncatedSVD -> L2 -> k-means balanced by {balance}",
         "source_corpus": str(corpus.path),
         "source_domains": domains,
         "k": k,
@@ -496,12 +319,22 @@ def cluster_corpus(
         "seed": seed,
         "max_features": max_features,
         "stop_words": stop_words,
-        "capacity": cluster_capacity(n_train, k, tolerance),
+        "balance": balance,
+        "size_unit": unit,  # what `capacity`, `train_size` and `size_contingency` count
+        "tokenizer": None if tokenizer is None else str(tokenizer),
+        "capacity": capacity,  # ceil(train total / k * (1 + tolerance)), in size_unit
+        "train_size": np.bincount(labels["train"], weights=sizes["train"], minlength=k).astype(int).tolist(),
+        "over_capacity": over_capacity(labels["train"], sizes["train"], k, capacity),
         "clusters": names,
         "sizes": {s: np.bincount(labels[s], minlength=k).astype(int).tolist() for s in SPLITS},
         "contingency": {"rows": domains, "columns": names, "counts": table.tolist()},
+        "size_contingency": {"rows": domains, "columns": names, "unit": unit, "counts": size_table.tolist()},
         "adjusted_rand_index": float(adjusted_rand_score(all_truth, all_labels)) if all_truth.size else 0.0,
     }
+    if tokenizer is not None:
+        from elmforest.tokenizer import tokenizer_hash
+
+        summary["tokenizer_hash"] = tokenizer_hash(Path(tokenizer))
 
     src = corpus.manifest["domains"]
     licences = sorted({str(src[d].get("licence", "")) for d in domains} - {""})
@@ -530,7 +363,8 @@ def cluster_corpus(
         write_corpus(tmp, sources, description=f"{k} c-BTM clusters of {corpus.path}")
         model.save(tmp / "clusterer")
         storage.write_json(tmp / CLUSTER_JSON, summary)
-        short = {key: summary[key] for key in ("source_corpus", "source_domains", "k", "adjusted_rand_index")}
+        short = {key: summary[key] for key in ("source_corpus", "source_domains", "k", "balance", "size_unit",
+                                                "adjusted_rand_index")}
         short.update(clusterer="clusterer", details=CLUSTER_JSON)
         Corpus(tmp).update_manifest(lambda m: m.update(clustering=short))
     return summary

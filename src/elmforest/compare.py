@@ -25,7 +25,8 @@ from elmforest.forest_eval import forest_tokens_flops, results_row
 from elmforest.models import param_count
 from elmforest.report import _fmt_ppl, method_rows
 from elmforest.results import batched_logprobs, nll_of
-from elmforest.scoring import domain_windows, load_experts
+from elmforest.scoring import load_experts, split_windows
+from elmforest.tokens import token_array
 from elmforest.tokenizer import load_tokenizer
 
 
@@ -37,22 +38,32 @@ def router_weights(router: Any, index: list[int], texts: list[str]) -> torch.Ten
 
 
 def router_row(
-    recipe: Recipe, run_dir: Path, clusterer_dir: Path, temperature: float | None = None, log: Callable[[str], Any] = print
+    recipe: Recipe,
+    run_dir: Path,
+    clusterer_dir: Path,
+    temperature: float | None = None,
+    log: Callable[[str], Any] = print,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
     """`cbtm_ensemble_router`: the clustered forest mixed with c-BTM's router weights.
 
-    Window i (tokens i*C .. i*C+C) is routed by the decoded text of the window before it (tokens
-    (i-1)*C .. i*C, all already seen when window i is predicted; no test token routes its own
-    prediction); window 0 by its first token alone. Weights w_c = softmax(-|z - centre_c|^2 / T)
-    are constant across the window: log p = logsumexp_c(log w_c + log p_c). Expert clusterC
-    takes centre C. Cached in RUN/router.json.
+    Each test window (drawn from the whole split, as every method's) is routed by the decoded text
+    of the C tokens before it in the split plus its own first token: all seen before the window's
+    first prediction, so no test token routes its own prediction. Weights w_c = softmax(-|z -
+    centre_c|^2 / T), the top-k of them renormalised, are constant across the window: log p =
+    logsumexp_c(log w_c + log p_c). Expert clusterC takes centre C. Cached in RUN/router.json
+    (recomputed when the temperature, top-k or windows differ).
     """
     run_dir = Path(run_dir)
     cache = run_dir / "router.json"
-    if cache.is_file():
-        return read_json(cache, "router.json")
     temperature = temperature or DEFAULT_TEMPERATURE
-    router = ClusterRouter(ClusterModel.load(clusterer_dir), temperature)
+    settings = {"temperature": temperature, "top_k": top_k, "window_seed": recipe.eval.window_seed,
+                "max_tokens_per_domain": recipe.eval.max_tokens_per_domain}
+    if cache.is_file():
+        cached = read_json(cache, "router.json")
+        if all(cached.get(k) == v for k, v in settings.items()):
+            return cached
+    router = ClusterRouter(ClusterModel.load(clusterer_dir), temperature, top_k=top_k)
     forest = Forest(run_dir / "forest")
     index = []
     for n in forest.names:
@@ -67,8 +78,9 @@ def router_row(
     nll: dict[str, float] = {}
     for d in [*recipe.train_domains, *recipe.novel_domains]:
         log(f"router: evaluating {d}")
-        test = domain_windows(corpus, tok_dir, d, "test", context, recipe.eval.max_tokens_per_domain, recipe.eval.window_seed)
-        texts = [tokenizer.decode(test[0, :1].tolist())] + [tokenizer.decode(w.tolist()) for w in test[:-1]]
+        windows = split_windows(corpus, tok_dir, d, "test", context, recipe.eval.max_tokens_per_domain, recipe.eval.window_seed)
+        test, array = windows.tokens, token_array(corpus, tok_dir, d, "test")
+        texts = [tokenizer.decode(array[max(0, s - context) : s + 1].tolist()) for s in windows.starts.tolist()]
         w = router_weights(router, index, texts)  # [N, n]
         with torch.inference_mode():
             lp = batched_logprobs(models, test, recipe.eval.batch_size)  # [n, N, T]
@@ -78,7 +90,7 @@ def router_row(
     seed = read_json(phases.seed_dir(run_dir) / phases.SEED_JSON, "seed.json")
     _, flops = forest_tokens_flops(forest.path, seed)
     row = results_row(nll, recipe.train_domains, recipe.novel_domains, flops, len(models) * params)
-    result = {"cbtm_ensemble_router": row, "temperature": temperature, "clusterer": str(clusterer_dir)}
+    result = {"cbtm_ensemble_router": row, **settings, "clusterer": str(clusterer_dir)}
     storage.write_json(cache, result)
     return result
 

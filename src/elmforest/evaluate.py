@@ -95,6 +95,7 @@ class EvalWindows:
     tokens: torch.Tensor
     docs: torch.Tensor
     split_documents: int
+    starts: torch.Tensor | None = None  # LongTensor [N]: each window's first position in the split's array
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -146,7 +147,9 @@ def spread_windows(
         ends = np.flatnonzero(flat == eos_id)  # document k ends at ends[k] (its EOS is part of it)
         n_docs = max(1, len(ends))
         docs = np.minimum(np.searchsorted(ends, targets, side="left"), n_docs - 1)
-    return EvalWindows(tokens, torch.from_numpy(np.ascontiguousarray(docs, dtype=np.int64)), int(n_docs))
+    return EvalWindows(
+        tokens, torch.from_numpy(np.ascontiguousarray(docs, dtype=np.int64)), int(n_docs), torch.from_numpy(starts[:, 0].copy())
+    )
 
 
 def document_sums(logprobs: torch.Tensor, docs: torch.Tensor) -> tuple[list[int], list[float], list[int]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from elmforest.cluster import cluster_corpus
+from elmforest.cluster import BALANCES, cluster_corpus
+from elmforest.console import stdout_console
 from elmforest.corpus import Corpus
+from elmforest.errors import ElmError
 
 
 def corpus_cluster(
@@ -19,9 +20,17 @@ def corpus_cluster(
     domains: str | None = typer.Option(
         None, "--domains", help="Comma-separated source domains to cluster (default: all of them)."
     ),
-    tolerance: float = typer.Option(
-        0.1, "--tolerance", help="Balance slack: a cluster holds at most ceil(n/k * (1 + tolerance)) train documents."
+    balance: str = typer.Option(
+        "tokens", "--balance",
+        help="tokens: a cluster holds at most ceil(T/k * (1 + tolerance)) of the T train tokens (c-BTM); "
+        "documents: at most ceil(n/k * (1 + tolerance)) of the n train documents.",
     ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer",
+        help="Tokenizer folder that counts each document's tokens for --balance tokens "
+        "(default: whitespace-separated words; cluster.json records which).",
+    ),
+    tolerance: float = typer.Option(0.1, "--tolerance", help="Balance slack (see --balance)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the SVD and of the k-means++ initialisation."),
     svd_dim: int = typer.Option(100, "--svd-dim", help="Dimensions kept by the truncated SVD of the tf-idf vectors."),
     max_features: int = typer.Option(50000, "--max-features", help="Largest tf-idf vocabulary (most frequent words)."),
@@ -34,13 +43,16 @@ def corpus_cluster(
 ) -> None:
     """Cluster a corpus into k balanced domains (tf-idf, SVD, balanced k-means) and write it as a new corpus.
 
-    Prints the table of source domain x cluster document counts and the adjusted Rand index.
+    Prints the table of source domain x cluster document counts, each cluster's train size in the balanced unit, and the adjusted Rand index. A document larger than the capacity is placed alone in a cluster of its own.
     """
+    if balance not in BALANCES:
+        raise ElmError(f"--balance {balance!r} must be one of: {', '.join(BALANCES)}")
     chosen = [d.strip() for d in domains.split(",") if d.strip()] if domains is not None else None
     summary = cluster_corpus(
         Corpus(corpus), chosen, k, out, svd_dim=svd_dim, seed=seed, tolerance=tolerance,
         max_features=max_features, stop_words=stop_words,
         carry=[d.strip() for d in carry.split(",") if d.strip()] if carry else None,
+        balance=balance, tokenizer=tokenizer,
     )
     table = Table(title=f"documents per source domain and cluster ({out})")
     table.add_column("domain")
@@ -52,8 +64,15 @@ def corpus_cluster(
         table.add_row(name, *map(str, row), str(sum(row)))
     col_totals = [sum(col) for col in zip(*counts)]
     table.add_row("total", *map(str, col_totals), str(sum(col_totals)), style="bold")
-    console = Console()
+    unit = summary["size_unit"]
+    train = summary["train_size"]
+    table.add_row(f"train {unit}", *(f"{n:,}" for n in train), f"{sum(train):,}", style="dim")
+    console = stdout_console()
     console.print(table)
+    console.print(f"balanced by {unit}: at most {summary['capacity']:,} train {unit} per cluster")
+    for c in summary["over_capacity"]:
+        console.print(f"[yellow]cluster{c} holds {train[c]:,} train {unit}, over the capacity: it holds a "
+                      "document larger than the capacity, or documents that fit in no cluster[/yellow]")
     console.print(f"adjusted Rand index vs source domains: {summary['adjusted_rand_index']:.4f}")
     console.print(f"wrote {out} (clusterer in {out / 'clusterer'})")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from elmforest import storage
+from elmforest.console import stdout_console
 from elmforest.errors import ElmError, require
 from elmforest.forest import Forest, read_json
 from elmforest.ensemble import Mixing, check_posterior, posterior_help
@@ -254,7 +254,7 @@ def ensemble(
     posterior, mixing = _used_mixing(record, posterior, mixing)
     scores, used = ensemble_scores(members, windows, prior, posterior, record, top_k, prior_batch, alpha, mixing)
 
-    console = Console()
+    console = stdout_console()
     if record is not None:
         console.print(prior_table(record, forest, used))
     lo, hi = scores["ppl_ci"]
@@ -369,7 +369,7 @@ def average(
             os.replace(f, staging / f.name)
         built.rmdir()
 
-    console = Console()
+    console = stdout_console()
     if record is not None:
         console.print(prior_table(record, forest))
     table = Table(title=f"{method} average -> {out}")
@@ -443,7 +443,7 @@ def evaluate(
         result.update(ensemble={"prior": prior, "posterior": posterior, "mix": mix, "mixing": {}, "top_k": top_k,
                                 "experts_run": {}}, prior={})
 
-    console = Console()
+    console = stdout_console()
     for d in chosen:
         windows = split_windows(corp, tokenizer_dir, d, split, context, max_tokens, window_seed)
         if forest is None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from elmforest.console import stdout_console
 from elmforest.corpus import SPLITS
 from elmforest.corpus_import import SKIP_REASONS, ImportedDomain, import_sources
 from elmforest.demo_corpus import build_demo_corpus
@@ -81,15 +82,20 @@ def import_command(
     novel: list[str] = typer.Option(
         [], "--novel", help="Mark this domain as novel (held out from expert training, for evaluation); repeatable."
     ),
+    skip_bad_lines: bool = typer.Option(
+        False, "--skip-bad-lines",
+        help="Skip lines that are not UTF-8, not JSON or lack a string text field (and non-UTF-8 .txt files), "
+        "count them and print the counts, instead of stopping at the first one.",
+    ),
 ) -> None:
     """Import JSONL files and folders of .txt files as the domains of a new corpus.
 
     Documents are de-duplicated within each domain and split by a hash of their text (~5% valid, ~5% test).
 
-    Lines that cannot be used (blank, not UTF-8, bad JSON, missing field) are skipped and counted in a table.
+    A line that is not UTF-8, not valid JSON, or has no string text field stops the import with exit status 2 and one line naming the file and line number; nothing is written. --skip-bad-lines skips and counts such lines instead and prints a table of the counts. Blank lines are always skipped.
     """
-    manifest, domains = import_sources(sources, out, text_field=text_field, novel=novel)
-    console = Console()
+    manifest, domains = import_sources(sources, out, text_field=text_field, novel=novel, skip_bad_lines=skip_bad_lines)
+    console = stdout_console()
     console.print(manifest_table(manifest, f"corpus {out}"))
     skipped = skipped_table(manifest, domains)
     if skipped is not None:
@@ -120,7 +126,7 @@ def demo_command(
             progress.update(task, description=stage, completed=done, total=total)
 
         manifest, built = build_demo_corpus(out, cache, on_progress)
-    console = Console()
+    console = stdout_console()
     console.print(manifest_table(manifest, f"demo corpus {out}"))
     if built:
         console.print(f"built in {time.monotonic() - start:.0f} s")

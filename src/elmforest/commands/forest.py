@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from elmforest.console import stdout_console
 from elmforest.forest import Forest
 
 
@@ -58,7 +58,7 @@ def ls(forest: Path = typer.Argument(..., help="Forest folder.")) -> None:
             f"{meta.get('flops', 0):.2e}",
             "-" if loss is None else f"{loss:.3f}",
         )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

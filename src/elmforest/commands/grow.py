@@ -85,6 +85,7 @@ def compare(
         help="Add RUN_B's c-BTM router ensemble (row cbtm_ensemble_router), routing by RUN_B's corpus clusterer/.",
     ),
     temperature: float = typer.Option(None, "--temperature", help="Router softmax temperature (default 0.1)."),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="Route each window to the k nearest clusters' experts only."),
 ) -> None:
     """Print two runs' results side by side (train and novel means, each novel domain); for a c-BTM run also its clustering (contingency table, adjusted Rand index)."""
     import json
@@ -95,7 +96,7 @@ def compare(
     rb = _recipe(None, run_b)
     cluster_json = Path(rb.corpus) / "cluster.json"
     if router:
-        row = router_row(rb, run_b, Path(rb.corpus) / "clusterer", temperature)
+        row = router_row(rb, run_b, Path(rb.corpus) / "clusterer", temperature, top_k=top_k)
         extra = {"cbtm_ensemble_router": row["cbtm_ensemble_router"]}
     print(compare_runs(run_a, run_b, extra))
     if cluster_json.is_file():
