@@ -226,3 +226,9 @@ def test_cluster_router_ensemble(corpus, tmp_path):
     # routing by topic picks each cluster's own expert: better than mixing all uniformly
     assert row["train_mean"] < results["btm_ensemble_uniform"]["train_mean"]
     assert (tmp_path / "run" / "router.json").is_file()
+    # the cache is keyed by the router's settings: top-1 routing is computed anew, not read back
+    top1 = router_row(recipe, tmp_path / "run", clustered / "clusterer", log=lambda s: None, top_k=1)
+    from elmforest.cluster import DEFAULT_TEMPERATURE
+
+    assert top1["top_k"] == 1 and top1["temperature"] == DEFAULT_TEMPERATURE
+    assert top1["cbtm_ensemble_router"]["train"] != row["train"]
