@@ -33,7 +33,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
 from elmforest import storage
