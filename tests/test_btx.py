@@ -1,14 +1,18 @@
 """BTX: llama experts mixed into a Mixtral MoE, router fine-tuning, HF export; tiny random models."""
 
 import copy
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from elmforest.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, save_moe
+from safetensors.torch import load_file
+
+from elmforest.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, router_spec, save_moe
 from elmforest.errors import ElmError
 from elmforest.models import flops_per_token
+from elmforest.training import read_metrics
 
 torch.set_num_threads(1)
 V, H = 64, 32
@@ -149,20 +153,37 @@ def _ce(moe, batch) -> float:
         return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
 
 
-def test_finetune_router_only_moves_routers_and_lowers_loss():
+class CountingSampler:
+    """Batch i: `rows` windows of the counting task, a pure function of (seed, i) like elmforest's samplers."""
+
+    def __init__(self, seed: int = 100, rows: int = 4, block: int = 16):
+        self.seed, self.rows, self.block, self.batches = seed, rows, block, 0
+
+    def next_batch(self) -> torch.Tensor:
+        self.batches += 1
+        return counting(self.rows, self.block + 1, seed=self.seed + self.batches - 1)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state["batches"]
+
+
+def test_finetune_router_only_moves_routers_and_lowers_loss(tmp_path):
     moe = mix_experts(_good_and_bad_experts(), top_k=2)
-    batches = [counting(4, 17, seed=s) for s in range(4)]
+    probe = counting(4, 17, seed=0)
     before = {k: v.clone() for k, v in moe.state_dict().items()}
-    ce_before = _ce(moe, batches[0])
-    metrics = finetune_router(moe, batches, steps=25, lr=0.05)
+    ce_before = _ce(moe, probe)
+    metrics = finetune_router(moe, CountingSampler(), router_spec(25, 0.05), tmp_path / "ft", context=16)
     after = moe.state_dict()
     for key, value in before.items():
         if key.endswith(".mlp.gate.weight"):
             assert not torch.equal(after[key], value), key
         else:
             assert torch.equal(after[key], value), key
-    assert _ce(moe, batches[0]) < ce_before - 0.5
-    assert metrics["loss_last"] < metrics["loss_first"]
+    assert _ce(moe, probe) < ce_before - 0.5
+    assert metrics["loss_last"] < metrics["loss_first"] and len(metrics["losses"]) == 25
     assert metrics["steps"] == 25 and metrics["tokens"] == 25 * 4 * 16 and not metrics["train_all"]
     assert metrics["trained_params"] == 2 * 2 * H  # two layers' [2, H] routers
     per_token = moe_flops_per_token(moe, 16)
@@ -171,12 +192,68 @@ def test_finetune_router_only_moves_routers_and_lowers_loss():
     assert 3 * per_token["dense_expert"] == flops_per_token(llama(0).config, 16)
     assert metrics["flops"] == pytest.approx(2 * per_token["moe"] * metrics["tokens"])
     assert all(p.requires_grad for p in moe.parameters()) and not moe.training  # state restored
+    # The folder is the fine-tuned Mixtral (what from_pretrained loads) beside the loop's checkpoint.
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()
+    x = tokens()
+    torch.testing.assert_close(logits_of(loaded, x), logits_of(moe, x), atol=1e-6, rtol=0)
+    assert (tmp_path / "ft" / "train_state.pt").is_file()
 
 
-def test_finetune_train_all_moves_everything():
+def test_finetune_adds_the_load_balancing_loss_to_the_gradient(tmp_path):
+    """One step's router update follows the gradient of CE + coef * Mixtral's aux loss, computed
+    here by hand; AdamW's first step (no clipping) is -lr * g / (|g| + eps), i.e. -lr * sign(g)."""
+    experts = _good_and_bad_experts() + [llama(5)]
+    batch = CountingSampler().next_batch()
+    coef, lr = 0.5, 1e-3
+    grads = {}
+    for c in (coef, 0.0):
+        ref = mix_experts(experts, top_k=2).train()
+        out = ref(input_ids=batch[:, :-1], output_router_logits=True)
+        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        (ce + c * out.aux_loss).backward()
+        grads[c] = {n: p.grad for n, p in ref.named_parameters() if n.endswith(".mlp.gate.weight")}
+    # The aux term flips the sign of some router gradients, so the check below can tell them apart.
+    assert any(not torch.equal(grads[coef][n].sign(), grads[0.0][n].sign()) for n in grads[coef])
+    spec = router_spec(1, lr)
+    spec.grad_clip = 0.0
+    moe = mix_experts(experts, top_k=2)
+    before = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    finetune_router(moe, CountingSampler(), spec, tmp_path / "ft", context=16, aux_loss_coef=coef)
+    for name, g in grads[coef].items():
+        step = moe.state_dict()[name] - before[name]
+        torch.testing.assert_close(step, -lr * g / (g.abs() + 1e-8), atol=2e-6, rtol=0)
+
+
+def test_finetune_train_all_moves_everything(tmp_path):
     moe = mix_experts(_good_and_bad_experts(), top_k=2)
     before = moe.state_dict()["model.embed_tokens.weight"].clone()
-    metrics = finetune_router(moe, [tokens(2, 9)], steps=2, lr=1e-3, train_all=True, aux_loss_coef=0.0)
+    metrics = finetune_router(
+        moe, CountingSampler(rows=2, block=8), router_spec(2, 1e-3), tmp_path / "ft", context=8, train_all=True,
+        aux_loss_coef=0.0,
+    )
     assert not torch.equal(moe.state_dict()["model.embed_tokens.weight"], before)
     assert metrics["trained_params"] == sum(p.numel() for p in moe.parameters())
     assert metrics["flops"] == pytest.approx(3 * moe_flops_per_token(moe, 8)["moe"] * metrics["tokens"])
+
+
+def test_finetune_stopped_midway_continues_bit_identically(tmp_path):
+    """Stop the router fine-tune at step 4 (checkpoints every 3), rebuild the mixture from scratch
+    and rerun: weights, AdamW state and logged losses equal an uninterrupted run's."""
+    experts = _good_and_bad_experts() + [llama(5)]
+    spec = router_spec(9, 0.02, checkpoint_every=3)
+    straight = finetune_router(mix_experts(experts, top_k=2), CountingSampler(), spec, tmp_path / "a", context=16)
+    first = finetune_router(mix_experts(experts, top_k=2), CountingSampler(), spec, tmp_path / "b", context=16, stop_at_step=4)
+    assert first["steps"] == 4
+    again = mix_experts(experts, top_k=2)  # a fresh process would rebuild the same initial mixture
+    second = finetune_router(again, CountingSampler(), spec, tmp_path / "b", context=16)
+    assert second["steps"] == straight["steps"] == 9 and second["tokens"] == straight["tokens"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], mix_experts(experts, top_k=2).state_dict()[k]) for k in a)  # it trained
+    ta = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+    tb = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(ta[i]["exp_avg_sq"], tb[i]["exp_avg_sq"]) for i in ta)
+    la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    assert la == [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == straight["losses"]
+    assert json.loads((tmp_path / "b" / "train.json").read_text())["status"] == "done"

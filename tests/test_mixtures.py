@@ -26,7 +26,7 @@ from elmforest.corpus import Corpus
 from elmforest.demix import domain_mlps, load_demix
 from elmforest.evaluate import token_logprobs
 from elmforest.forest import Forest
-from elmforest.mixtures import build_moe, demix_optimizer_state, train_demix
+from elmforest.mixtures import build_moe, demix_optimizer_state, mix_forest, train_demix
 from elmforest.models import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
 from elmforest.scoring import domain_windows
 from elmforest.tokenizer import tokenizer_hash, train_tokenizer
@@ -141,6 +141,28 @@ def test_mix_writes_a_mixtral_folder_that_scores_as_in_memory(llama_study, corpu
     windows = domain_windows(Corpus(corpus), forest.tokenizer_dir, "numbers", "test", 32, 400)
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(loaded, windows), token_logprobs(memory, windows), atol=1e-5, rtol=0)
+
+
+def test_mix_stopped_midway_continues_to_the_same_model(llama_study, tmp_path, capsys):
+    """A BTX fine-tune stopped at step 2 of 4 continues when `elmforest mix` runs again on its folder,
+    bit-identically to one that never stopped; other options on that folder are refused."""
+    _, out, _ = llama_study
+    opts = dict(finetune_tokens=1024, device="cpu", log=lambda s: None)
+    straight = mix_forest(out / "forest", tmp_path / "straight", **opts)
+    assert straight["finetune"]["steps"] == 4
+    stopped = mix_forest(out / "forest", tmp_path / "split", stop_at_step=2, **opts)
+    assert stopped["finetune"]["stopped"] and stopped["finetune"]["steps"] == 2
+    assert not (tmp_path / "split" / "mix.json").exists()
+    code, _, err = run_cli(["mix", out / "forest", "--out", tmp_path / "split", "--finetune-tokens", 1024, "--top-k", 1], capsys)
+    assert code == 2 and "top_k=2" in err and "(now 1)" in err
+    code, stdout, err = run_cli(["mix", out / "forest", "--out", tmp_path / "split", "--finetune-tokens", 1024, "--device", "cpu"], capsys)
+    assert code == 0, err
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    done = json.loads((tmp_path / "split" / "mix.json").read_text())
+    assert done["finetune"] == straight["finetune"]
+    code, _, err = run_cli(["mix", out / "forest", "--out", tmp_path / "split"], capsys)
+    assert code == 2 and "already exists" in err
 
 
 def test_mix_posterior_weights_lean_to_the_domain(llama_study, tmp_path, capsys):

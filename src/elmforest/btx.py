@@ -6,7 +6,8 @@ After BTM has trained n llama-family experts, BTX builds one sparse mixture-of-e
   - every other parameter (embeddings, attention, norms, lm_head) is the weighted average of
     the experts' (uniform by default), as in BTM parameter averaging;
   - a new router per layer (`mlp.gate`, a bias-free [n, hidden] linear map) starts small and
-    random, and is then fine-tuned (`finetune_router`), with Mixtral's load-balancing loss.
+    random, and is then fine-tuned (`finetune_router`), with Mixtral's load-balancing loss,
+    through the one training loop (`training.train`): resumable and bit-identical on resume.
 
 Mixtral's expert MLP is exactly Llama's:  down(act(gate(h)) * up(h))  (w1=gate, w3=up, w2=down
 in Mixtral's old naming). In transformers 5.x the experts are stored fused, one 3-D tensor per
@@ -19,23 +20,25 @@ GPT-2 experts cannot be exported: their MLP is ungated (GELU(h W + b) W' + b', w
 and they use LayerNorm with bias, biased attention and learned absolute positions, none of which
 a MixtralForCausalLM can represent. Only llama-family experts are accepted.
 
+`assemble_mixtral` builds a Mixtral from parts (shared tensors, each expert's MLP per layer, the
+router rows); BTX and the anchored mixtures (`elmforest.anchored`) both go through it.
 `save_moe` writes a standard Hugging Face folder: `AutoModelForCausalLM.from_pretrained(dir)`
 loads a MixtralForCausalLM.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
 from elmforest import storage
 from elmforest.errors import ElmError, require
 from elmforest.models import non_embedding_params
+from elmforest.training import TrainSpec, read_metrics, train
 
 # Llama config fields the experts must share (same architecture) and that carry into Mixtral.
 _SHARED_FIELDS = (
@@ -68,7 +71,7 @@ def _check_experts(models: Sequence[PreTrainedModel]) -> None:
         require(not getattr(base, field, False), f"BTX: Mixtral {what} have no biases; the experts have {field}=true")
 
 
-def _mixtral_config(base, n_experts: int, top_k: int) -> MixtralConfig:
+def mixtral_config(base, n_experts: int, top_k: int) -> MixtralConfig:
     """A Mixtral config with the experts' dense architecture and n experts per layer."""
     return MixtralConfig(
         **{f: getattr(base, f) for f in _SHARED_FIELDS if f not in ("attention_bias", "mlp_bias")},
@@ -83,6 +86,65 @@ def _mixtral_config(base, n_experts: int, top_k: int) -> MixtralConfig:
         router_jitter_noise=0.0,
         output_router_logits=False,
     )
+
+
+# One expert's feed-forward block in one layer, in Mixtral's fused form: (gate_up [2I, H], down [H, I]).
+ExpertMLP = tuple[torch.Tensor, torch.Tensor]
+
+
+def llama_mlps(state: Mapping[str, torch.Tensor], layers: int) -> list[ExpertMLP]:
+    """A llama model's MLP in every layer as (cat([gate, up]) [2I, H], down [H, I])."""
+    out = []
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}.mlp."
+        gate_up = torch.cat([state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"]])
+        out.append((gate_up, state[prefix + "down_proj.weight"]))
+    return out
+
+
+def mixtral_mlps(state: Mapping[str, torch.Tensor], layers: int, expert: int) -> list[ExpertMLP]:
+    """Expert `expert`'s MLP in every layer of a Mixtral state dict."""
+    return [
+        (state[f"model.layers.{layer}.mlp.experts.gate_up_proj"][expert], state[f"model.layers.{layer}.mlp.experts.down_proj"][expert])
+        for layer in range(layers)
+    ]
+
+
+@torch.no_grad()
+def assemble_mixtral(
+    config: MixtralConfig,
+    shared: Mapping[str, torch.Tensor],
+    experts: Sequence[Sequence[ExpertMLP]],
+    routers: Sequence[torch.Tensor],
+) -> MixtralForCausalLM:
+    """A MixtralForCausalLM (CPU, float32, eval mode) from its parts.
+
+    shared: every tensor outside the MoE blocks (embeddings, attention, norms, lm_head) under its
+    llama name, which is also its Mixtral name. experts[i][l]: expert i's MLP in layer l as
+    (gate_up [2I, H], down [H, I]). routers[l]: layer l's router rows [n, H], row i for expert i.
+    """
+    n, layers = config.num_local_experts, config.num_hidden_layers
+    require(len(experts) == n, f"{len(experts)} experts given for a {n}-expert Mixtral")
+    require(all(len(e) == layers for e in experts) and len(routers) == layers, f"every expert and router needs {layers} layers")
+    moe = MixtralForCausalLM(config)  # built on the CPU in float32, filled below
+    target: dict[str, torch.Tensor] = {}
+    for key in moe.state_dict():
+        if ".mlp." in key:
+            layer = int(key.split(".")[2])  # model.layers.<l>.mlp...
+            if key.endswith(".mlp.gate.weight"):  # [n, H]
+                target[key] = routers[layer]
+            elif key.endswith(".mlp.experts.gate_up_proj"):  # [n, 2I, H]
+                target[key] = torch.stack([e[layer][0] for e in experts])
+            elif key.endswith(".mlp.experts.down_proj"):  # [n, H, I]
+                target[key] = torch.stack([e[layer][1] for e in experts])
+        elif key == "lm_head.weight" and key not in shared and config.tie_word_embeddings:
+            target[key] = shared["model.embed_tokens.weight"]  # a tied alias dropped on save
+        elif key in shared:
+            target[key] = shared[key]
+        else:
+            raise ElmError(f"Mixtral tensor {key!r} has no counterpart in the llama model")
+    moe.load_state_dict({k: v.float() for k, v in target.items()}, strict=True)
+    return moe.eval()
 
 
 @torch.no_grad()
@@ -105,27 +167,15 @@ def mix_experts(
     w = w / w.sum()
 
     base = models[0].config
-    config = _mixtral_config(base, n, top_k)
+    config = mixtral_config(base, n, top_k)
     dtype, device = next(models[0].parameters()).dtype, next(models[0].parameters()).device
-    moe = MixtralForCausalLM(config)  # built on the CPU in float32, filled below
     states = [m.state_dict() for m in models]
-    generator = torch.Generator().manual_seed(seed)
-    target: dict[str, torch.Tensor] = {}
-    for key, param in moe.state_dict().items():
-        if key.endswith(".mlp.gate.weight"):  # the router, [n, H]: new, small random
-            target[key] = torch.randn(param.shape, generator=generator) * config.initializer_range
-        elif key.endswith(".mlp.experts.gate_up_proj"):  # [n, 2I, H]: expert i's [gate_i; up_i]
-            prefix = key.removesuffix("experts.gate_up_proj")
-            gate_up = [torch.cat([s[prefix + "gate_proj.weight"], s[prefix + "up_proj.weight"]]) for s in states]
-            target[key] = torch.stack(gate_up)
-        elif key.endswith(".mlp.experts.down_proj"):  # [n, H, I]: expert i's down
-            prefix = key.removesuffix("experts.down_proj")
-            target[key] = torch.stack([s[prefix + "down_proj.weight"] for s in states])
-        else:  # embeddings, attention, norms, lm_head: the weighted average, summed in float64
-            if key not in states[0]:
-                raise ElmError(f"BTX: Mixtral tensor {key!r} has no counterpart in the llama experts")
-            target[key] = sum(float(wi) * s[key].double() for wi, s in zip(w, states))
-    moe.load_state_dict({k: v.to(dtype) for k, v in target.items()}, strict=True)
+    layers = config.num_hidden_layers
+    # embeddings, attention, norms, lm_head: the weighted average, summed in float64
+    shared = {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)) for k in states[0] if ".mlp." not in k}
+    generator = torch.Generator().manual_seed(seed)  # routers: new, small random, [n, H] per layer
+    routers = [torch.randn(n, config.hidden_size, generator=generator) * config.initializer_range for _ in range(layers)]
+    moe = assemble_mixtral(config, shared, [llama_mlps(s, layers) for s in states], routers)
     return moe.to(device=device, dtype=dtype).eval()
 
 
@@ -158,23 +208,86 @@ def moe_flops_per_token(moe: MixtralForCausalLM, context: int) -> dict[str, int]
     return {"moe": 2 * n_moe + attention_scores, "dense_expert": 2 * n_dense + attention_scores}
 
 
+class _AddToLoss(torch.autograd.Function):
+    """Identity on `logits`; its backward also hands `extra` the gradient `scale`, exactly as if
+    `scale * extra` had been added to the loss that is back-propagated through the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, extra: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+@contextlib.contextmanager
+def load_balancing(moe: MixtralForCausalLM, scale: float) -> Iterator[None]:
+    """While active, every gradient-enabled forward of `moe` adds `scale` x Mixtral's load-balancing
+    loss to the loss its logits feed (`_AddToLoss`); without gradients the forward is unchanged.
+
+    `training.train` computes only the cross-entropy of the logits, so this is how the auxiliary
+    loss enters the one training loop; forward hooks, so the model and its saved tensors are a
+    plain MixtralForCausalLM. scale = coefficient / micro-batches per step, like the loss itself.
+    """
+    if scale == 0:
+        yield
+        return
+
+    def ask_router_logits(module, args, kwargs):
+        return (args, {**kwargs, "output_router_logits": True}) if torch.is_grad_enabled() else None
+
+    def add_aux_loss(module, args, kwargs, out):
+        if torch.is_grad_enabled() and out.aux_loss is not None:
+            out.logits = _AddToLoss.apply(out.logits, out.aux_loss, scale)
+        return out
+
+    handles = [
+        moe.register_forward_pre_hook(ask_router_logits, with_kwargs=True),
+        moe.register_forward_hook(add_aux_loss, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def router_spec(steps: int, lr: float, device: str = "cpu", threads: int | None = None, checkpoint_every: int = 50) -> TrainSpec:
+    """Router fine-tuning's hyper-parameters: AdamW betas (0.9, 0.95), no weight decay, gradient
+    norm clipped to 1.0, constant `lr` (no warm-up or decay), one micro-batch per step, every
+    step logged (metrics.jsonl holds each step's cross-entropy)."""
+    return TrainSpec(
+        lr=lr, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, total_steps=steps, final_lr_fraction=1.0,
+        grad_clip=1.0, micro_batches=1, threads=threads, log_every=1, checkpoint_every=checkpoint_every,
+        device=device,
+    )
+
+
 def finetune_router(
     moe: MixtralForCausalLM,
-    batches: Iterable[torch.Tensor],
-    steps: int,
-    lr: float,
+    sampler,
+    spec: TrainSpec,
+    out_dir: str | Path,
+    *,
+    context: int,
     train_all: bool = False,
     aux_loss_coef: float = 0.01,
+    stop_at_step: int | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Fine-tune a BTX model; by default only the routers. Returns metrics.
+    """Fine-tune a Mixtral MoE in place; by default only the routers. Returns metrics.
 
-    batches: token windows LongTensor[B, T+1] (inputs [:, :-1], targets [:, 1:]), cycled if
-    fewer than `steps`. Loss per step: cross-entropy + aux_loss_coef * Mixtral's
-    load-balancing loss (Switch Transformer: n * sum_i f_i * P_i, f_i the fraction of top-k
-    slots routed to expert i and P_i its mean router probability, pooled over all layers).
-    AdamW, betas (0.9, 0.95), no weight decay, gradient norm clipped to 1.0, constant lr.
-    `losses` in the result are the cross-entropies (without the aux term), one per step. With
-    top_k == n every token uses every expert and the aux loss is the constant n (no signal).
+    Runs through the one training loop (`training.train`) into `out_dir`: a killed or stopped
+    fine-tune continues from out_dir's last checkpoint (weights, AdamW, step, sampler, RNG), bit-
+    identically to a run that never stopped; out_dir then holds the Mixtral folder (config.json,
+    model.safetensors) beside train_state.pt and metrics.jsonl. sampler: any `training.Sampler`
+    of [B, context+1] windows; spec: e.g. `router_spec(steps, lr)`. Loss per step: cross-entropy
+    + aux_loss_coef * Mixtral's load-balancing loss (Switch Transformer: n * sum_i f_i * P_i, f_i
+    the fraction of top-k slots routed to expert i and P_i its mean router probability, pooled
+    over all layers; `load_balancing`). With top_k == n the aux loss is the constant n (no signal).
+    `losses` in the result are the per-step cross-entropies (without the aux term).
 
     Compute, honestly: router-only training still runs the full forward and back-propagates
     through every layer's activations (the routers sit in every layer, down to the first),
@@ -182,51 +295,32 @@ def finetune_router(
     3x for train_all. Each forward is the MoE's (top_k expert MLPs + routers per token), more
     than one dense expert's; both per-token figures are returned.
     """
-    require(steps >= 1, f"steps must be >= 1, got {steps}")
-    require(lr > 0, f"lr must be > 0, got {lr}")
-    routers = router_parameters(moe)
-    trained = list(moe.parameters()) if train_all else routers
-    router_ids = {id(p) for p in routers}
-    frozen_flags = {p: p.requires_grad for p in moe.parameters()}
+    routers = {id(p) for p in router_parameters(moe)}
+    flags = {p: p.requires_grad for p in moe.parameters()}
     was_training = moe.training
     for p in moe.parameters():  # frozen weights get no .grad: their weight-gradient matmuls are skipped
-        p.requires_grad_(train_all or id(p) in router_ids)
-    optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    device = next(moe.parameters()).device
-    losses, aux_losses, tokens, seq_len = [], [], 0, 0
-    moe.train()
+        p.requires_grad_(train_all or id(p) in routers)
+    trained = sum(p.numel() for p in moe.parameters() if p.requires_grad)
     try:
-        for _step, batch in zip(range(steps), itertools.cycle(batches)):
-            batch = batch.to(device)
-            x, y = batch[:, :-1], batch[:, 1:]  # [B, T] each
-            out = moe(input_ids=x, output_router_logits=True)
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-            loss = ce + aux_loss_coef * out.aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            losses.append(float(ce.detach()))
-            aux_losses.append(float(out.aux_loss.detach()))
-            tokens += y.numel()
-            seq_len = y.shape[1]
+        with load_balancing(moe, aux_loss_coef / spec.micro_batches):
+            result = train(moe, sampler, spec, out_dir, stop_at_step=stop_at_step, progress=progress)
     finally:
-        for p, flag in frozen_flags.items():
+        for p, flag in flags.items():
             p.requires_grad_(flag)
         moe.train(was_training)
-    fwd = moe_flops_per_token(moe, seq_len)
+    losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.jsonl")]
+    fwd = moe_flops_per_token(moe, context)
     passes = 3 if train_all else 2  # forward + backward (activation grads [+ weight grads])
     return {
-        "steps": len(losses),
-        "tokens": tokens,
+        "steps": result["steps"],
+        "tokens": result["tokens"],
         "train_all": train_all,
-        "trained_params": sum(p.numel() for p in trained),
-        "flops": passes * fwd["moe"] * tokens,
+        "trained_params": trained,
+        "flops": passes * fwd["moe"] * result["tokens"],
         "flops_per_token_moe_forward": fwd["moe"],
         "flops_per_token_dense_expert_forward": fwd["dense_expert"],
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "aux_loss_last": aux_losses[-1],
+        "loss_first": losses[0] if losses else None,
+        "loss_last": result["final_loss"],
         "losses": losses,
     }
 

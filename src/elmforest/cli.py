@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "study",
     "grow",
     "mix",
+    "anchored",
     "check",
 ]
 

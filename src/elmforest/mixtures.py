@@ -5,8 +5,10 @@ Plain functions taking paths, like `elmforest.phases`:
     train_demix   RUN/seed -> RUN/demix: the seed's model with every MLP split into one copy per
                   train domain (`demix.to_demix`), trained like the dense continuation.
     build_moe     a forest's llama experts -> one Mixtral MoE (`btx.mix_experts`), its routers
-                  fine-tuned on domain-balanced data (`btx.finetune_router`), in memory.
-    mix_forest    build_moe, then write the folder (`btx.save_moe`) and its `mix.json`.
+                  fine-tuned on domain-balanced data (`btx.finetune_router`, the one training loop,
+                  checkpointed in a work folder).
+    mix_forest    build_moe with the output folder as the work folder, then its `mix.json`; a
+                  killed fine-tune continues bit-identically when the same command runs again.
     build_btx     the study's BTX arm: mix_forest on RUN/forest into RUN/btx.
 
 Compute matching of DEMix against the dense baseline: it continues from the seed step with the
@@ -26,15 +28,16 @@ by the carried-over second moment, which decays to the new scale within ~1/(1 - 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from elmforest import __version__, btx, demix, phases, storage
 from elmforest.checkpoint import load_train_state
@@ -43,6 +46,7 @@ from elmforest.corpus import Corpus
 from elmforest.errors import ElmError, require
 from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
+from elmforest.checkpoint import save_weights
 from elmforest.models import SIZES, copy_tokenizer_files, load_model, param_count
 from elmforest.sampler import BalancedSampler
 from elmforest.scoring import (
@@ -60,6 +64,7 @@ DEMIX_DIR = "demix"
 DEMIX_RUN_JSON = "demix_run.json"  # written last: RUN/demix is complete
 BTX_DIR = "btx"
 MIX_JSON = "mix.json"  # written last: a BTX folder is complete
+MIX_REQUEST = "mix_request.json"  # the options of a fine-tune in progress (checked when it continues)
 MIX_FORMAT = "elmforest-btx/1"
 WEIGHT_MODES = ("uniform", "posterior")
 
@@ -236,6 +241,9 @@ def build_moe(
     seed: int = 0,
     device: str = "cpu",
     log: Callable[[str], None] = print,
+    work_dir: str | Path | None = None,
+    record: dict[str, Any] | None = None,
+    stop_at_step: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Mix a forest's llama experts into one Mixtral MoE and fine-tune it -> (moe, mix.json contents).
 
@@ -245,6 +253,10 @@ def build_moe(
     balanced batches of the experts' domains' train splits, `batch_tokens` per step (default:
     the recorded budget.batch_tokens), constant `lr` (default: the recorded optim.lr).
     `corpus` defaults to the one recorded in expert.json.
+    work_dir: where the fine-tune checkpoints (`btx.finetune_router`); a folder holding an
+    unfinished fine-tune continues it. None: a temporary folder (nothing to resume).
+    record: written to work_dir/mix_request.json when the fine-tune starts. stop_at_step: stop
+    the fine-tune there (tests); the result's finetune["stopped"] is then True.
     """
     forest = Forest(forest_dir)
     family = forest_family(forest)
@@ -268,14 +280,14 @@ def build_moe(
     if weights == "posterior":
         data.require([domain], "--domain")
         pool = ExpertPool(forest, device)
-        record = forest_prior(
+        record_prior = forest_prior(
             pool, data, domain, context,
             sequences=_recorded(metas, "eval", "prior_sequences", 100),
             batch=_recorded(metas, "eval", "prior_batch", 4),
             alpha=_recorded(metas, "eval", "prior_alpha", 0.3),
             posterior=_recorded(metas, "eval", "posterior", "one_step"),
         )
-        mix_weights = [record.experts[n] for n in forest.names]
+        mix_weights = [record_prior.experts[n] for n in forest.names]
         log("posterior weights on " + domain + ": " + ", ".join(f"{n} {w:.3f}" for n, w in zip(forest.names, mix_weights)))
     experts = load_experts(forest, device=device)
     moe = btx.mix_experts(experts, mix_weights, top_k=top_k, seed=seed)
@@ -294,9 +306,16 @@ def build_moe(
         steps = math.ceil(finetune_tokens / per_step)
         arrays = {d: token_array(data, forest.tokenizer_dir, d, "train") for d in domains}
         sampler = BalancedSampler(arrays, context, blocks_per_domain, seed=seed)
-        batches = (sampler.next_batch() for _ in range(steps))
         log(f"BTX: fine-tuning {'all parameters' if train_all else 'the routers'} for {steps} steps of {per_step} tokens")
-        info = btx.finetune_router(moe, batches, steps, lr, train_all=train_all)
+        spec = btx.router_spec(steps, lr, device=device)
+        with tempfile.TemporaryDirectory(prefix="btx-finetune-") as scratch:
+            work = Path(work_dir) if work_dir is not None else Path(scratch)
+            if record is not None and not (work / MIX_REQUEST).is_file():
+                work.mkdir(parents=True, exist_ok=True)
+                storage.write_json(work / MIX_REQUEST, record)
+            info = btx.finetune_router(
+                moe, sampler, spec, work, context=context, train_all=train_all, stop_at_step=stop_at_step
+            )
         finetune = {
             "tokens": info["tokens"],
             "flops": info["flops"],
@@ -308,6 +327,8 @@ def build_moe(
             "loss_first": info["loss_first"],
             "loss_last": info["loss_last"],
         }
+        if info["steps"] < steps:
+            finetune["stopped"] = True
     moe.eval()
     meta = {
         "format": MIX_FORMAT,
@@ -319,7 +340,7 @@ def build_moe(
         "weights_domain": domain,
         "top_k": top_k,
         "finetune": finetune,
-        "params": param_count(moe),
+        "params": sum(p.numel() for p in moe.parameters()),
         "flops_per_token_moe_forward": btx.moe_flops_per_token(moe, context)["moe"],
         "tokenizer_hash": forest.data["tokenizer_hash"],
         "elmforest_version": __version__,
@@ -327,21 +348,52 @@ def build_moe(
     return moe, meta
 
 
-def mix_forest(forest_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
-    """`build_moe(forest_dir, **options)`, then write `out` (must not exist): the Hugging Face
-    Mixtral folder (`btx.save_moe`), the forest's tokenizer files, and `mix.json` last."""
+_NOT_RECORDED = ("log", "device", "work_dir", "record", "stop_at_step")  # may change when a fine-tune continues
+
+
+def _mix_request(forest_dir: str | Path, options: dict[str, Any]) -> dict[str, Any]:
+    """What defines a BTX build: the forest and every build_moe option (defaults filled in)."""
+    params = inspect.signature(build_moe).parameters.items()
+    full = {k: p.default for k, p in params if p.default is not inspect.Parameter.empty and k not in _NOT_RECORDED}
+    full.update({k: v for k, v in options.items() if k not in _NOT_RECORDED})
+    return {"forest": str(Path(forest_dir).resolve()), **{k: str(v) if isinstance(v, Path) else v for k, v in sorted(full.items())}}
+
+
+def mix_forest(forest_dir: str | Path, out: str | Path, stop_at_step: int | None = None, **options: Any) -> dict[str, Any]:
+    """`build_moe(forest_dir, **options)` with `out` as its work folder, then the Hugging Face Mixtral
+    folder (config.json, model.safetensors with its checksum), the forest's tokenizer files and
+    `mix.json` last.
+
+    `out` must not exist, or hold an unfinished fine-tune of the same forest and options (its
+    mix_request.json), which then continues from its last checkpoint. A folder with mix.json is
+    finished and never overwritten. `stop_at_step` (tests) stops the fine-tune early, without mix.json.
+    """
     out = Path(out)
-    require(not out.exists(), "already exists; choose a new folder for the BTX model", out)
-    moe, meta = build_moe(forest_dir, **options)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
-    try:
-        btx.save_moe(moe, out)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    copy_tokenizer_files(Forest(forest_dir).tokenizer_dir, out, overwrite=False)
-    storage.write_json(out / MIX_JSON, meta)
+    require(not (out / MIX_JSON).is_file(), "already exists; choose a new folder for the BTX model", out)
+    request = _mix_request(forest_dir, options)
+    if out.exists():
+        recorded = read_json(out / MIX_REQUEST, MIX_REQUEST) if (out / MIX_REQUEST).is_file() else None
+        require(recorded is not None, "already exists and holds no unfinished BTX fine-tune; choose a new folder", out)
+        differ = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
+        if differ:
+            k = differ[0]
+            raise ElmError(
+                f"holds an unfinished BTX fine-tune with {k}={recorded.get(k)!r} (now {request.get(k)!r}); "
+                "rerun with the same options to continue it, or choose a new folder",
+                out,
+            )
+    moe, meta = build_moe(forest_dir, work_dir=out, record=request, stop_at_step=stop_at_step, **options)
+    if meta["finetune"].get("stopped"):
+        return meta
+    tok = Forest(forest_dir).tokenizer_dir
+    if out.exists():  # fine-tuned here: the loop's last checkpoint saved these very weights
+        copy_tokenizer_files(tok, out, overwrite=False)
+        storage.write_json(out / MIX_JSON, meta)
+    else:
+        with storage.atomic_dir(out) as tmp:
+            save_weights(moe, tmp)
+            copy_tokenizer_files(tok, tmp)
+            storage.write_json(tmp / MIX_JSON, meta)
     return meta
 
 
@@ -351,13 +403,14 @@ def btx_dir(run_dir: Path) -> Path:
 
 def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers
-    fine-tuned for `arms.btx_tokens` tokens at the recipe's batch and peak lr. Skipped when done."""
+    fine-tuned for `arms.btx_tokens` tokens at the recipe's batch and peak lr. Skipped when done;
+    an interrupted fine-tune continues from its last checkpoint."""
     run_dir = Path(run_dir)
     out = btx_dir(run_dir)
     if (out / MIX_JSON).is_file():
         return read_json(out / MIX_JSON, MIX_JSON)
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted build of this run (mix.json is written last)
+    if out.exists() and not (out / MIX_REQUEST).is_file():
+        shutil.rmtree(out)  # interrupted before its fine-tune began: nothing to continue
     forest = Forest(run_dir / "forest")
     return mix_forest(
         forest.path,

@@ -9,7 +9,10 @@ import typer
 
 def mix(
     forest: Path = typer.Argument(..., help="Forest folder of llama-family experts (model.family: llama)."),
-    out: Path = typer.Option(..., "--out", "-o", help="New folder for the Mixtral model (must not exist)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o",
+        help="New folder for the Mixtral model; a folder holding an interrupted fine-tune of the same options continues it.",
+    ),
     weights: str = typer.Option(
         "uniform", "--weights",
         help="How the non-MLP parameters (embeddings, attention, norms) are averaged: uniform, or posterior "
