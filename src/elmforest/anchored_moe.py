@@ -249,7 +249,7 @@ def opt_out_study(
     table: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     for d in [domain, *kept, *novel]:
         log(f"opt out {domain}: evaluating {d}")
-        test = domain_windows(corpus, tok, d, "test", context, recipe.eval.max_tokens_per_domain)
+        test = domain_windows(corpus, tok, d, "test", context, recipe.eval.max_tokens_per_domain, recipe.eval.window_seed)
         for when, model in models.items():
             table[when][d] = perplexity(model, test, recipe.eval.batch_size)["ppl"]
     result = {

@@ -133,6 +133,17 @@ class ArmsConfig(_Strict):
     demix: bool = False
     btx: bool = False
     btx_tokens: int = Field(0, ge=0, description="Extra fine-tuning tokens for BTX (reported separately).")
+    anchored: bool = Field(
+        False, description="FlexOlmo-style anchored experts merged into one opt-out mixture-of-experts (llama only)."
+    )
+    anchored_router_tokens: int = Field(
+        0, ge=0, description="Tokens of router tuning for the anchored mixture (0: none; reported separately)."
+    )
+    opt_out: list[str] = Field(
+        default_factory=list,
+        description="Train domains to opt out after training: the anchored mixture without that expert and the "
+        "BTM forest without it (`forget`), each domain's perplexity before and after.",
+    )
     dense_multiples: list[float] = Field(
         default_factory=list,
         description="Compute multiples k > 1: dense LMs trained from scratch on k x the budget (each with its own "
@@ -221,6 +232,9 @@ class Recipe(_Strict):
             raise ValueError(
                 f"budget.batch_tokens={self.budget.batch_tokens} must divide evenly among {n} train domains"
             )
+        unknown = [d for d in self.arms.opt_out if d not in self.train_domains]
+        if unknown:
+            raise ValueError(f"arms.opt_out names {unknown[0]!r}, which is not a train domain")
         if self.budget.seed_fraction in self.arms.seed_fractions:
             raise ValueError(f"arms.seed_fractions repeats budget.seed_fraction={self.budget.seed_fraction} (the main forest)")
         if self.rounds:

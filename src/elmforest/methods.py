@@ -36,6 +36,7 @@ class Sizes:
     n_experts: int
     demix: int | None = None
     btx: int | None = None
+    anchored: int | None = None
     extra: dict[str, int] = field(default_factory=dict)  # e.g. {"btm_ensemble_tuned": members}
 
 
@@ -176,6 +177,17 @@ register(StudyMethod(
     _single("btx"), lambda s: s.btx, enabled=lambda r: r.arms.btx,
 ))
 
+register(StudyMethod(
+    "anchored_moe", "anchored", "FlexOlmo-style: anchored experts (a trained FFN copy beside the frozen seed's) merged "
+    "into one opt-out mixture-of-experts, router rows from training, no joint training",
+    _single("anchored_moe"), lambda s: s.anchored, enabled=lambda r: r.arms.anchored,
+))
+register(StudyMethod(
+    "anchored_moe_router_tuned", "anchored_router_tuned", "the anchored mixture with its router rows tuned on a "
+    "small domain-balanced sample (arms.anchored_router_tokens extra tokens)",
+    _single("anchored_moe_router_tuned"), lambda s: s.anchored,
+    enabled=lambda r: r.arms.anchored and r.arms.anchored_router_tokens > 0,
+))
 
 # --- dense models at k times the compute (results.json "compute_to_match") -----------------------
 

@@ -81,6 +81,13 @@ def model_family(recipe: Recipe) -> str:
 def check_arms(recipe: Recipe, source: str = "recipe") -> None:
     """Refuse, before anything trains, an arm the architecture cannot run."""
     family = model_family(recipe)
+    if recipe.arms.anchored and family != "llama":
+        raise ElmError(
+            f"arms.anchored needs llama-family experts, but the model family is {family!r}; set model.family: llama",
+            source,
+        )
+    if recipe.arms.anchored_router_tokens and not recipe.arms.anchored:
+        raise ElmError("arms.anchored_router_tokens tunes the anchored mixture's router: set arms.anchored: true", source)
     if recipe.arms.btx and family != "llama":
         raise ElmError(
             f"arms.btx needs llama-family experts, but the model family is {family!r}; "

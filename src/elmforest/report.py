@@ -15,7 +15,7 @@ from elmforest import storage
 # Keys of results.json that are not evaluation rows.
 RESERVED_KEYS = (
     "budget", "recipe", "priors", "unigram", "curves", "timing", "notes",
-    "comparisons", "compute_to_match", "seeds", "per_seed", "mixing",
+    "comparisons", "compute_to_match", "seeds", "per_seed", "mixing", "opt_out",
 )
 
 
@@ -162,6 +162,23 @@ def sweep_table(results: dict[str, Any]) -> str | None:
             f"{_fmt_ppl(r.get('valid_novel_mean'))} | {_fmt_ppl(r.get('train_mean'))}{_fmt_ci(r.get('train_mean_ci'))} | "
             f"{_fmt_ppl(r.get('novel_mean'))}{_fmt_ci(r.get('novel_mean_ci'))} |"
         )
+    return "\n".join(lines)
+
+
+def opt_out_table(domain: str, by_method: dict[str, dict[str, Any]]) -> str:
+    """Domain x method: perplexity before -> after (change) when `domain` is opted out."""
+    methods = list(by_method)
+    domains = list(dict.fromkeys(d for r in by_method.values() for d in r["ppl"]["before"]))
+    lines = ["| domain | role | " + " | ".join(f"`{m}` before -> after" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for d in domains:
+        role = "removed" if d == domain else "novel" if any(d in r["domains"]["novel"] for r in by_method.values()) else "kept"
+        cells = []
+        for m in methods:
+            ppl = by_method[m]["ppl"]
+            b, a = ppl["before"].get(d), ppl["after"].get(d)
+            cells.append("-" if b is None or a is None else f"{_fmt_ppl(b)} -> {_fmt_ppl(a)} ({_change(a, b)})")
+        lines.append(f"| {d} | {role} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -327,6 +344,16 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
                 f"{'yes' if t['mixing']['with_seed'] else 'no'} | {t['valid_nll']:.4f} ({t['baseline_valid_nll']:.4f}) |"
                 for d, t in tuned.items()
             ],
+            "",
+        ]
+    for domain, by_method in (results.get("opt_out") or {}).items():
+        parts += [
+            f"## Opting {domain} out after training",
+            "",
+            f"The BTM forest without its {domain} expert (`forget`), and the anchored mixture without its {domain} "
+            "expert and router row: test perplexity before and after, no retraining.",
+            "",
+            opt_out_table(domain, by_method),
             "",
         ]
     for name, prior in (results.get("priors") or {}).items():

@@ -128,6 +128,9 @@ class StudyModels:
             self.demix = load_demix(mixtures.demix_dir(self.run_dir))
         if recipe.arms.btx and (mixtures.btx_dir(self.run_dir) / mixtures.MIX_JSON).is_file():
             self.singles["btx"] = load_model(mixtures.btx_dir(self.run_dir)).eval()  # a Mixtral folder
+        for name in ("anchored_moe", "anchored_moe_router_tuned"):  # Mixtral folders (anchored_moe.json last)
+            if recipe.arms.anchored and (self.run_dir / name / "anchored_moe.json").is_file():
+                self.singles[name] = load_model(self.run_dir / name).eval()
         self.uniform_average = averaged_model(self.forests["btm"][1], None) if "btm" in self.forests else None
         vocab = len(read_json(tokenizer_dir / "tokenizer.json", "tokenizer")["model"]["vocab"]) + 1
         self.train_arrays = [token_array(self.corpus, tokenizer_dir, d, "train") for d in recipe.train_domains]

@@ -61,6 +61,29 @@ def _train_forest(
     return forest
 
 
+def _anchored_arm(recipe: Recipe, out: Path, log: Callable[[str], None]) -> None:
+    """The anchored experts, their merged mixture, and (arms.anchored_router_tokens) its tuned router."""
+    from elmforest import anchored, anchored_moe
+
+    anchored.train_anchored_experts(recipe, out, log)
+    anchored_moe.build_anchored_moe(recipe, out, log)
+    if recipe.arms.anchored_router_tokens:
+        anchored_moe.tune_router(recipe, out, recipe.arms.anchored_router_tokens, log)
+
+
+def _opt_out(recipe: Recipe, out: Path, domain: str, log: Callable[[str], None]) -> None:
+    """`domain` removed from the BTM forest (forget) and, when trained, from the anchored mixture;
+    each writes its before/after table once (RUN/forget_<d>.json, RUN/anchored_moe_optout_<d>.json)."""
+    from elmforest.removal import removal_study
+
+    if not (out / f"forget_{domain}.json").is_file():
+        removal_study(recipe, out, domain, log=log)
+    if recipe.arms.anchored and not (out / f"anchored_moe_optout_{domain}.json").is_file():
+        from elmforest.anchored_moe import opt_out_study
+
+        opt_out_study(recipe, out, domain, log=log)
+
+
 def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the whole study in `out`; returns results.json's contents.
 
@@ -196,10 +219,15 @@ def _train_and_score(
     if recipe.arms.btx:
         log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, routers fine-tuned on {recipe.arms.btx_tokens:,} tokens")
         stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))
+    if recipe.arms.anchored:
+        log("[7/9] anchored experts (FlexOlmo): FFN copies beside the frozen seed, merged into one opt-out mixture")
+        stage("anchored", lambda: _anchored_arm(recipe, out, log))
     log("[8/9] evaluation")
     from elmforest.results import evaluate_study
 
     scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, log))
+    for d in recipe.arms.opt_out:
+        stage(f"opt_out_{d}", lambda d=d: _opt_out(recipe, out, d, log))
     log("[9/9] report")
     return scores, budget, {**previous, **timing}
 

@@ -38,7 +38,9 @@ CLAIMS: list[tuple[str, str, str]] = [
     ("btm_ensemble_cached", "btm_ensemble_cached_full_prefix", "The one-step posterior beats the paper's full-prefix one"),
     ("btm_ensemble_cached", "demix_cached", "BTM beats DEMix at equal compute"),
     ("btx", "dense", "BTX beats the dense LM (with its extra fine-tuning compute)"),
-    ("anchored_moe", "dense", "The anchored opt-out mixture-of-experts beats the dense LM"),
+    ("anchored_moe", "dense", "The anchored opt-out mixture-of-experts beats the dense LM (with its extra compute)"),
+    ("anchored_moe", "btm_ensemble_cached", "The anchored opt-out mixture-of-experts beats BTM's cached-prior ensemble"),
+    ("anchored_moe_router_tuned", "anchored_moe", "Tuning the anchored mixture's router rows helps"),
 ]
 
 
@@ -64,7 +66,7 @@ def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]],
                 "flops": branched["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names),
             }
     notes: list[str] = []
-    sizes: dict[str, int | None] = {"demix": None, "btx": None}
+    sizes: dict[str, int | None] = {"demix": None, "btx": None, "anchored": None}
     demix_run = mixtures.demix_dir(out) / mixtures.DEMIX_RUN_JSON
     if recipe.arms.demix and demix_run.is_file():
         d = read_json(demix_run, mixtures.DEMIX_RUN_JSON)
@@ -86,6 +88,27 @@ def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]],
             f"the top-{m['top_k']} MoE forward and backward). Its parameters at inference count every expert MLP "
             f"and router; {m['top_k']} of {len(m['experts'])} MLPs run per token."
         )
+    moe_json = out / "anchored_moe" / "anchored_moe.json"
+    if recipe.arms.anchored and moe_json.is_file():
+        m = read_json(moe_json, "anchored_moe.json")
+        arms["anchored"] = {"tokens": m["train"]["tokens"], "flops": m["train"]["flops"]}
+        sizes["anchored"] = m["params"]
+        ratio = m["train"]["flops"] / arms["btm"]["flops"] if "btm" in arms else None
+        notes.append(
+            f"The anchored mixture (`anchored_moe`) is not compute-matched: each anchored expert's forward runs the "
+            f"frozen seed FFN beside its trainable copy (and the backward flows through the frozen parts), so its "
+            f"training FLOPs are {m['train']['flops']:.3e}"
+            + (f", {ratio:.2f}x the BTM forest's" if ratio else "")
+            + f" (counted per token from the formula checked against FlopCounterMode). {m['top_k']} of "
+            f"{len(m['experts'])} FFN experts run per token; its parameters at inference count all of them."
+        )
+        tuned_json = out / "anchored_moe_router_tuned" / "anchored_moe.json"
+        if recipe.arms.anchored_router_tokens and tuned_json.is_file():
+            t = read_json(tuned_json, "anchored_moe.json")["router_tuning"]
+            arms["anchored_router_tuned"] = {"tokens": arms["anchored"]["tokens"] + t["tokens"],
+                                             "flops": arms["anchored"]["flops"] + t["flops"]}
+            notes.append(f"`anchored_moe_router_tuned` adds {t['tokens']:,} tokens ({t['flops']:.3e} FLOPs) of router "
+                         "tuning on a domain-balanced sample: only the router rows train.")
     return arms, notes, sizes
 
 
@@ -152,6 +175,7 @@ def assemble_results(
         n_experts=len(train_d),
         demix=mixture_sizes["demix"],
         btx=mixture_sizes["btx"],
+        anchored=mixture_sizes["anchored"],
         extra={"btm_ensemble_tuned": tuned_members or len(train_d)},
     )
     results: dict[str, Any] = {}
@@ -203,6 +227,12 @@ def assemble_results(
         "prior_windows_per_domain": {d: s0[d]["valid_windows"] for d in all_d},
         "bootstrap_resamples": recipe.eval.bootstrap_resamples,
     }
+    opt_out = {}
+    for d in recipe.arms.opt_out:  # removing a domain after training: the first seed's run
+        rows = {"btm_ensemble_cached": first / f"forget_{d}.json", "anchored_moe": first / f"anchored_moe_optout_{d}.json"}
+        opt_out[d] = {m: read_json(f, f.name) for m, f in rows.items() if f.is_file()}
+    if opt_out:
+        results["opt_out"] = opt_out
     results["seeds"] = seeds
     results["per_seed"] = {str(s): {m: _seed_means(scores[s], m, train_d, novel_d) for m in methods} for s in seeds}
     if (first / "forest" / "forest.json").is_file():
