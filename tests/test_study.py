@@ -36,11 +36,23 @@ def study(tmp_path_factory):
 def test_results_have_every_method_and_domain(study):
     _, out = study
     results = json.loads((out / "results.json").read_text())
+    from elmforest.config import load_recipe
+    from elmforest.methods import study_methods
+
+    enabled = [m.name for m in study_methods(load_recipe(out / "recipe.yaml"))]
+    assert set(METHODS) <= set(enabled) and all(m in results for m in enabled)  # every enabled method is a row
+    cache = {d: json.loads((out / "eval" / f"{d}.json").read_text()) for d in ("animals", "code", "numbers")}
     for m in METHODS:
         row = results[m]
         assert set(row["train"]) == {"animals", "code"} and set(row["novel"]) == {"numbers"}
-        for v in [*row["train"].values(), *row["novel"].values(), row["train_mean"], row["novel_mean"]]:
-            assert math.isfinite(v) and v > 1.0
+        # each perplexity is exp of the mean NLL per token, the same as exp(sum of document sums / tokens)
+        for d, ppl in [*row["train"].items(), *row["novel"].items()]:
+            assert ppl == pytest.approx(math.exp(cache[d]["nll"][m]), rel=1e-9)
+            assert ppl == pytest.approx(math.exp(sum(cache[d]["doc_nll"][m]) / sum(cache[d]["doc_tokens"])), rel=1e-6)
+            assert sum(cache[d]["doc_tokens"]) == cache[d]["tokens"]
+        assert row["train_mean"] == pytest.approx(math.sqrt(row["train"]["animals"] * row["train"]["code"]), rel=1e-9)
+        assert row["novel_mean"] == pytest.approx(row["novel"]["numbers"], rel=1e-9)
+        assert 1.0 < row["train_mean"] < results["unigram"]["train_mean"]
         assert row["train_flops"] > 0 and row["inference_params"] > 0
     # the models learn: dense is far below the unigram perplexity on the same tokens
     assert results["dense"]["train_mean"] < results["seed"]["train_mean"] < results["unigram"]["train_mean"]
