@@ -254,3 +254,8 @@ def test_seed_fraction_sweep_branches_from_snapshots_of_one_dense_run(tmp_path):
     main_seed = json.loads((out / "seed" / "seed.json").read_text())
     assert main_seed["step"] == round(0.5 * total)
     assert results["btm_ensemble_cached"]["valid_train_mean"] > 1
+
+
+def test_check_passes_on_a_several_seed_run(seeds_study, capsys):
+    code, out, err = run_cli(["check", seeds_study], capsys)
+    assert code == 0, out + err
