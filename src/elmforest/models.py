@@ -52,6 +52,10 @@ class ModelSpec:
     """Tokenizer vocabulary size."""
     tie_embeddings: bool = True
     """Share the input embedding matrix with the output projection (lm_head)."""
+    bos_token_id: int | None = None
+    """The tokenizer's beginning-of-text id, recorded in the config (not architecture: `arch_hash` ignores it)."""
+    eos_token_id: int | None = None
+    """The tokenizer's end-of-text id, recorded in the config so generation stops there."""
 
 
 # Named sizes. 125m/350m are GPT-3 Small/Medium (Brown et al. 2020, Table 2.1), the sizes BTM
@@ -65,9 +69,12 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
+def resolve_spec(
+    cfg: ModelConfig, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> ModelSpec:
     """Turn a recipe's `model:` section into a `ModelSpec`: the named size, then explicit fields override.
 
+    The token ids are the tokenizer's (see `token_ids`); the config records them.
     `cfg.path` (start from an existing model folder) is not handled here: load that with `load_model`.
     """
     fields: dict[str, Any] = {"family": "gpt2"}
@@ -89,7 +96,22 @@ def resolve_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
         raise ElmError(f"model.heads: llama needs an even head size for RoPE, got width/heads={width // heads}")
     if vocab_size < 2:
         raise ElmError(f"vocabulary size must be at least 2, got {vocab_size}")
-    return ModelSpec(vocab_size=vocab_size, **fields)
+    return ModelSpec(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **fields)
+
+
+def token_ids(tokenizer) -> dict[str, int | None]:
+    """The special ids a model config records, from the tokenizer (ours: both are `<|endoftext|>`)."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def fill_token_ids(model: PreTrainedModel, ids: dict[str, int | None]) -> PreTrainedModel:
+    """Set the config's (and generation config's) bos/eos ids the model lacks; ids it has are kept."""
+    generation = getattr(model, "generation_config", None)
+    for name, value in ids.items():
+        for config in (model.config, generation):
+            if config is not None and value is not None and getattr(config, name, None) is None:
+                setattr(config, name, value)
+    return model
 
 
 def model_spec_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -104,7 +126,8 @@ def llama_intermediate_size(width: int) -> int:
 
 
 def hf_config(spec: ModelSpec) -> PretrainedConfig:
-    """The Hugging Face config for `spec`: no dropout anywhere, no BOS/EOS ids (the tokenizer owns them)."""
+    """The Hugging Face config for `spec`: no dropout anywhere, bos/eos ids from the spec (the
+    tokenizer's), so generation stops at the end-of-text token; pad stays unset."""
     if spec.family == "gpt2":
         return GPT2Config(
             vocab_size=spec.vocab_size,
@@ -117,8 +140,8 @@ def hf_config(spec: ModelSpec) -> PretrainedConfig:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
         )
     if spec.family == "llama":
         return LlamaConfig(
@@ -131,8 +154,8 @@ def hf_config(spec: ModelSpec) -> PretrainedConfig:
             max_position_embeddings=spec.context,
             attention_dropout=0.0,
             tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
             pad_token_id=None,
         )
     raise ElmError(f"model.family: unknown family {spec.family!r} (known: gpt2, llama)")
@@ -284,3 +307,4 @@ def flops_per_token(config: PretrainedConfig, context: int | None = None) -> int
     n = non_embedding_params(model)
     n_ctx = context if context is not None else _context_of(config)
     return 6 * n + 6 * _layers_of(config) * n_ctx * _width_of(config)
+
