@@ -308,3 +308,54 @@ def flops_per_token(config: PretrainedConfig, context: int | None = None) -> int
     n_ctx = context if context is not None else _context_of(config)
     return 6 * n + 6 * _layers_of(config) * n_ctx * _width_of(config)
 
+
+def measured_flops_per_token(model: PreTrainedModel, context: int, batch: int = 1) -> float:
+    """Training FLOPs per token of one forward + backward pass, counted by torch's FlopCounterMode.
+
+    Runs `batch` random windows of `context` tokens on the model's device (next-token loss as in
+    `training.train`, gradients put back as they were afterwards) and counts every matrix product
+    at 2 FLOPs per multiply-add. Two settings make the count mean the same on every device:
+    attention runs on SDPA's math backend, so its products are plain `bmm`s the counter sees
+    (the fused CPU kernel is invisible to it, the CUDA ones are counted with a recomputation of
+    the scores), and a mixture-of-experts model runs its experts one `linear` at a time ("eager"),
+    so exactly the routed tokens' expert products are counted (grouped matmuls are invisible).
+
+    For a dense GPT-2 or Llama model the count is, per token,
+
+        6*N_matmul + 12*n_layer*n_ctx*d_model + 6*d_model*vocab
+
+    N_matmul: the weights of the linear layers (N of `flops_per_token` less biases and norm gains,
+    which cost elementwise work the counter ignores); 12*L*n_ctx*d: QK^T and the weighted sum
+    over the full n_ctx x n_ctx square (forward 4*L*n_ctx*d, backward twice that; no causal
+    saving), where `flops_per_token` counts 6*L*n_ctx*d; 6*d*vocab: the logits matmul, which
+    `flops_per_token` leaves out. tests/test_flops.py checks this to the FLOP.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]  # the caller's gradients, restored below
+    for p in params:
+        p.grad = None
+    experts = getattr(model.config, "_experts_implementation", None)
+    switch = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
+    was_training = model.training
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=generator).to(device)
+    counter = FlopCounterMode(display=False)
+    try:
+        if switch:
+            model.set_experts_implementation("eager")
+        model.train()
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # [batch, context, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+    finally:
+        if switch:
+            model.set_experts_implementation(experts)
+        model.train(was_training)
+        for p, g in zip(params, grads):
+            p.grad = g
+    return counter.get_total_flops() / (batch * context)
