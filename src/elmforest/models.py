@@ -300,7 +300,8 @@ def flops_per_token(config: PretrainedConfig, context: int | None = None) -> int
     n_ctx is the trained sequence length (`context`, default the config's context length).
     As in Kaplan et al., embedding look-ups and the logits matmul (2*d_model*vocab forward) are not
     counted; for small models with large vocabularies that matmul is a sizeable extra cost, but it is
-    the same for every arm of a study, so compute matching is unaffected.
+    the same for every arm of a study, so compute matching is unaffected. `measured_flops_per_token`
+    counts what a GPU really multiplies (logits, the full attention square) for MFU figures.
     """
     with torch.device("meta"):  # count parameters without allocating them
         model = AutoModelForCausalLM.from_config(config)
