@@ -20,8 +20,10 @@
 # Logs, bench/results.md and the study's results.json/report.md land in LOGS: $OUT when set,
 # else /tmp/elmforest-gpu-check. Environment:
 #   PYTHON      interpreter with the CUDA torch (default python3)
-#   VENV        if set: create a venv there with --system-site-packages from PYTHON (so it sees the
-#               machine's torch) and install into it instead of into PYTHON's environment
+#   VENV        where to install. Default "auto": into PYTHON's own environment when it is a venv
+#               or conda environment, else (a system Python, often PEP 668-protected) into a venv
+#               made with --system-site-packages (so it sees the machine's torch) at
+#               ${TMPDIR:-/tmp}/elmforest-gpu-venv. "" forces PYTHON's environment; a path, that venv.
 #   BENCH_ARGS  arguments for bench/gpu.py (default --no-compile; "" adds the torch.compile row)
 #   STEPS       which steps to run (default "install tests bench study"), e.g. STEPS=bench to rerun one
 #   ALLOW_CPU   1: accept a CPU build of torch in the install step (to try that step without a GPU)
@@ -34,6 +36,7 @@ PY=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS---no-compile}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/elmforest-gpu-check.XXXXXX")
 mkdir -p "$LOGS"
+echo "== gpu-check $(date -u +%FT%TZ) on $(hostname)" >>"$LOGS/summary.txt"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 failed=()
 
@@ -49,9 +52,13 @@ step() {  # step NAME SECONDS FUNCTION: run the function in a bash under timeout
 }
 
 install() {
-    if [ -n "${VENV:-}" ]; then
-        "$PY" -m venv --system-site-packages "$VENV" || return 1
-        PY="$VENV/bin/python"
+    if [ -n "$VENV" ]; then
+        if [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV"; then
+            PY="$VENV/bin/python"
+        else  # no venv module (Debian without python3-venv): install into the system Python after all
+            echo "cannot create $VENV; installing into $PY's environment"
+            export PIP_BREAK_SYSTEM_PACKAGES=1
+        fi
     fi
     local before after reqs
     before=$("$PY" -c 'import torch; print(torch.__version__)') || { echo "no torch for $PY"; return 1; }
@@ -113,12 +120,20 @@ print("trained on", dev, "| btm_ensemble_cached train mean ppl", round(r["btm_en
 EOF
 }
 
+if [ "${VENV-auto}" = auto ]; then
+    if "$PY" -c 'import os, sys; sys.exit(0 if sys.prefix != sys.base_prefix or os.path.isdir(os.path.join(sys.prefix, "conda-meta")) else 1)'; then
+        VENV=""
+    else
+        VENV="${TMPDIR:-/tmp}/elmforest-gpu-venv"
+    fi
+fi
 export -f install gpu_tests bench study
-export PY WHEELS LOGS WORK BENCH_ARGS
+export PY WHEELS LOGS WORK BENCH_ARGS VENV
 STEPS=${STEPS:-install tests bench study}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 has install && step install 90 install
-if [ -n "${VENV:-}" ]; then PY="$VENV/bin/python"; export PY; fi  # install ran in a child bash
+if [ -n "$VENV" ] && [ -x "$VENV/bin/python" ]; then PY="$VENV/bin/python"; export PY; fi  # install ran in a child bash
+echo "python: $PY" | tee -a "$LOGS/summary.txt"
 has tests && step tests 90 gpu_tests
 has bench && step bench 180 bench
 has study && step study 120 study
