@@ -14,8 +14,10 @@ Parts (each a row group of one table):
                per token counted two ways: `models.flops_per_token` (6N + 6*L*s*d, what compute
                matching uses) and `models.measured_flops_per_token` (every matmul, the logits
                and the full attention square included: the FLOPs the GPU really does).
-    ddp        the same across every visible GPU, once elmforest has a data-parallel launch;
-               skipped with a note on one GPU or without one.
+    ddp        the same on G ranks of one data-parallel run (`elmforest.distributed.run_procs`,
+               every visible GPU; --ddp-procs G to choose, e.g. 2 CPU ranks for a smoke test),
+               each rank given 16 windows per micro-batch (weak scaling); MFU against G peaks.
+               Skipped with a note on one GPU, or where elmforest has no `distributed` module.
     ensemble   evaluate.perplexity tokens/s of one 125M model and of k = 4, 8 expert ensembles
                (float32, as the study scores), against single / k.
     average    averaging.average_folders of 8 saved 125M experts (uniform weights), seconds and
@@ -60,25 +62,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_row(spec, device, compile_, rows_per_micro, micro, warmup, measured, tmp: Path) -> dict:
-    """Steady-state tokens/s of `training.train` and the peak memory it used."""
+def train_row(spec, device, compile_, rows_per_micro, micro, warmup, measured, tmp: Path, ranks: int = 1) -> dict:
+    """Steady-state tokens/s of `training.train` and the peak memory it used. With ranks > 1
+    (inside a data-parallel group) each micro-batch holds rows_per_micro rows per rank."""
     model = build_model(spec, 0)
     stamps: list[float] = []
     block = spec.context
     gen = torch.Generator().manual_seed(0)
+    rows_per_micro *= ranks  # every rank draws the same batch and trains on its 1/ranks of the rows
     n_rows = rows_per_micro * micro * (warmup + measured)
     rows = torch.randint(0, spec.vocab_size, (n_rows, block + 1), generator=gen)
     tspec = TrainSpec(lr=5e-4, total_steps=warmup + measured, warmup_steps=1, grad_clip=0.1, micro_batches=micro,
                       bf16=True, compile=compile_, device=str(device), log_every=10_000, checkpoint_every=10_000)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out = tmp / f"train-{compile_}"
+    out = tmp / (f"train-{compile_}" if ranks == 1 else "train-ddp")  # rank 0 alone writes there
     train(model, FixedSampler(rows, rows_per_micro, stamps), tspec, out, progress=False)
-    shutil.rmtree(out, ignore_errors=True)
+    if ranks == 1:
+        shutil.rmtree(out, ignore_errors=True)
     skip = warmup * micro  # stamps are per micro-batch fetch
     tokens = rows_per_micro * block * (len(stamps) - 1 - skip)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {"tokens_per_s": tokens / (stamps[-1] - stamps[skip]), "peak_gib": peak, "model": model}
+
+
+def ddp_rank(spec, device_type, rows_per_micro, micro, warmup, measured, tmp: str) -> float:
+    """One rank of the data-parallel row (a top-level function: `run_procs` pickles it)."""
+    from elmforest.distributed import world
+
+    r = train_row(spec, torch.device(device_type), False, rows_per_micro, micro, warmup, measured, Path(tmp),
+                  ranks=world().size)
+    return r["tokens_per_s"]
+
+
+def ddp_row(spec, device, procs, rows_per_micro, micro, warmup, measured, tmp: Path) -> tuple[float | None, str]:
+    """(global tokens/s, note) of `procs` data-parallel ranks, or (None, why it was skipped)."""
+    if procs < 2:
+        return None, "ddp: skipped (one GPU visible)" if device.type == "cuda" else "ddp: skipped (no GPU; --ddp-procs 2 for CPU ranks)"
+    try:
+        from elmforest.distributed import run_procs
+    except ImportError:
+        return None, f"ddp: skipped ({procs} ranks asked, but this elmforest has no elmforest.distributed)"
+    tps = run_procs(ddp_rank, spec, device.type, rows_per_micro, micro, warmup, measured, str(tmp), procs=procs)
+    shutil.rmtree(tmp / "train-ddp", ignore_errors=True)
+    return tps, f"ddp: {procs} ranks through elmforest.distributed.run_procs"
 
 
 def ensemble_rows(spec, device, ks, windows, batch, repeats) -> dict[int, list[float]]:
@@ -129,6 +156,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="torch device (default cuda; --quick --device cpu for a smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile training row")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per row (after 2 warm-up steps)")
+    p.add_argument("--ddp-procs", type=int, default=None, help="ranks of the data-parallel row (default: the visible GPUs)")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     device = torch.device(a.device)
@@ -150,13 +178,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="elmforest-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
         analytic = flops_per_token(hf_config(spec), spec.context)
-        counted = n_params = None
+        counted = n_params = first_tps = None
         for compile_ in compile_modes:
             r = train_row(spec, device, compile_, rows_per_micro, micro, warmup, measured, tmp)
             if counted is None:
                 counted = measured_flops_per_token(r["model"], spec.context)
                 n_params = sum(t.numel() for t in r["model"].parameters())
             tps = r["tokens_per_s"]
+            first_tps = first_tps or tps
             table_rows.append([
                 "train", f"bf16, {'compiled' if compile_ else 'eager'}, {micro}x{rows_per_micro}x{spec.context} tokens/step",
                 f"{tps:,.0f} tokens/s", "-",
@@ -165,12 +194,17 @@ def main() -> None:
                 f"peak {r['peak_gib']:.1f} GiB" if device.type == "cuda" else "-",
             ])
             del r
-        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        ddp_note = (
-            f"ddp: {n_gpus} GPUs visible, but this elmforest has no data-parallel launch yet; row skipped"
-            if n_gpus > 1 else "ddp: skipped (one GPU visible)" if n_gpus == 1 else "ddp: skipped (no GPU)"
-        )
+        procs = a.ddp_procs if a.ddp_procs is not None else (torch.cuda.device_count() if device.type == "cuda" else 1)
+        tps, ddp_note = ddp_row(spec, device, procs, rows_per_micro, micro, warmup, measured, tmp)
         notes.append(ddp_note)
+        if tps is not None:
+            table_rows.append([
+                "ddp", f"{procs} ranks, bf16, eager, {micro}x{rows_per_micro}x{spec.context} tokens/step per rank",
+                f"{tps:,.0f} tokens/s", "-",
+                f"{hardware.mfu(tps * analytic / procs, device, torch.bfloat16):.1%}",
+                f"{hardware.mfu(tps * counted / procs, device, torch.bfloat16):.1%}",
+                f"{tps / first_tps:.2f} x one {'GPU' if device.type == 'cuda' else 'process'}",
+            ])
 
         results = ensemble_rows(spec, device, ks, windows, eval_batch, repeats)
         single = record.median(results[1])
