@@ -223,7 +223,7 @@ def main() -> None:
                                   table_rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     notes = [
-        f"device: {name}; bf16 peak {peak / 1e12:,.0f} TFLOP/s (elmforest.hardware.peak_flops)"
+        f"device: {name}; bf16 peak {peak / 1e12:,.1f} TFLOP/s (elmforest.hardware.peak_flops)"
         + (f"; CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
         f"FLOPs per token at context {spec.context}: {analytic / 1e6:,.1f}M by 6N + 6*L*s*d, "
         f"{counted / 1e6:,.1f}M counted (logits matmul and the full attention square included).",
