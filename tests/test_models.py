@@ -112,7 +112,7 @@ def test_arch_hash_tracks_architecture(tmp_path):
 def test_saved_folder_loads_with_from_pretrained_and_same_logits(tmp_path, family):
     model = build_model(tiny_model_spec(family), 3)
     digest = save_weights(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert verify_weights(tmp_path / "model.safetensors") == digest == weights_sha256(weights_state_dict(model))
     assert "lm_head.weight" not in weights_state_dict(model)  # the tied alias is stored once
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)

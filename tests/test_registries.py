@@ -64,7 +64,7 @@ def test_recipes_validate_the_posterior_against_the_registry(tmp_path):
 def test_study_method_contract(name):
     m = STUDY_METHODS[name]
     assert m.name == name and m.arm and m.help and callable(m.score)
-    sizes = Sizes(model=1000, n_experts=6, demix=5000, btx=7000)
+    sizes = Sizes(model=1000, n_experts=6, demix=5000, btx=7000, anchored=8000)
     params = m.params(sizes)
     assert isinstance(params, int) and params >= 1000
     if name.startswith("btm_ensemble") and "top" not in name and "tuned" not in name:

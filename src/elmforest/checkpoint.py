@@ -27,6 +27,7 @@ from elmforest.errors import ElmError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 TRAIN_STATE_NAME = "train_state.pt"
 
 
@@ -80,10 +81,24 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path) -> 
 
 
 def save_weights(model: Any, folder: str | Path) -> str:
-    """Write `folder/model.safetensors` and `folder/config.json` (each atomic); returns the checksum."""
+    """Write `folder/model.safetensors`, `folder/config.json` and, for a model that generates,
+    `folder/generation_config.json` (each atomic); returns the checksum.
+
+    The config is completed as `save_pretrained` completes it: `architectures` (the class tools
+    such as mergekit dispatch on), `dtype` of the weights, `transformers_version`; the bos/eos
+    ids are whatever the config holds (`models.hf_config` takes them from the tokenizer).
+    """
     folder = Path(folder)
     digest = write_safetensors(weights_state_dict(model), folder / WEIGHTS_NAME)
-    storage.write_text(folder / CONFIG_NAME, model.config.to_json_string())
+    config = model.config
+    config.architectures = [type(model).__name__]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    storage.write_text(folder / CONFIG_NAME, config.to_json_string())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        storage.write_text(folder / GENERATION_CONFIG_NAME, generation.to_json_string())
     return digest
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from elmforest.errors import ElmError
 
@@ -39,7 +39,21 @@ class ModelConfig(_Strict):
     width: int | None = Field(None, gt=0, description="Hidden size.")
     heads: int | None = Field(None, gt=0)
     context: int | None = Field(None, gt=1, description="Context length in tokens (block size).")
-    path: str | None = Field(None, description="Start from this local HF model folder instead of a fresh init.")
+    path: str | None = Field(
+        None,
+        description="Start from this local HF causal-LM folder (a pretrained seed) instead of a fresh init; its "
+        "config fixes the architecture, its tokenizer (saved beside it) is used unless tokenizer.path is set, "
+        "and `context` may shorten its context length.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_fixes_architecture(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v:  # `path` is the last field, so info.data holds the architecture fields
+            for name in ("family", "layers", "width", "heads"):
+                if info.data.get(name) is not None:
+                    raise ValueError(f"cannot be combined with model.{name} (the folder's config.json fixes it)")
+        return v
 
 
 class BudgetConfig(_Strict):
@@ -247,7 +261,7 @@ class Recipe(_Strict):
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "recipe"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{loc}: {msg}"

@@ -52,6 +52,10 @@ class ModelSpec:
     """Tokenizer vocabulary size."""
     tie_embeddings: bool = True
     """Share the input embedding matrix with the output projection (lm_head)."""
+    bos_token_id: int | None = None
+    """The tokenizer's beginning-of-text id, recorded in the config (not architecture: `arch_hash` ignores it)."""
+    eos_token_id: int | None = None
+    """The tokenizer's end-of-text id, recorded in the config so generation stops there."""
 
 
 # Named sizes. 125m/350m are GPT-3 Small/Medium (Brown et al. 2020, Table 2.1), the sizes BTM
@@ -65,9 +69,12 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
+def resolve_spec(
+    cfg: ModelConfig, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> ModelSpec:
     """Turn a recipe's `model:` section into a `ModelSpec`: the named size, then explicit fields override.
 
+    The token ids are the tokenizer's (see `token_ids`); the config records them.
     `cfg.path` (start from an existing model folder) is not handled here: load that with `load_model`.
     """
     fields: dict[str, Any] = {"family": "gpt2"}
@@ -89,7 +96,22 @@ def resolve_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
         raise ElmError(f"model.heads: llama needs an even head size for RoPE, got width/heads={width // heads}")
     if vocab_size < 2:
         raise ElmError(f"vocabulary size must be at least 2, got {vocab_size}")
-    return ModelSpec(vocab_size=vocab_size, **fields)
+    return ModelSpec(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **fields)
+
+
+def token_ids(tokenizer) -> dict[str, int | None]:
+    """The special ids a model config records, from the tokenizer (ours: both are `<|endoftext|>`)."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def fill_token_ids(model: PreTrainedModel, ids: dict[str, int | None]) -> PreTrainedModel:
+    """Set the config's (and generation config's) bos/eos ids the model lacks; ids it has are kept."""
+    generation = getattr(model, "generation_config", None)
+    for name, value in ids.items():
+        for config in (model.config, generation):
+            if config is not None and value is not None and getattr(config, name, None) is None:
+                setattr(config, name, value)
+    return model
 
 
 def model_spec_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -104,7 +126,8 @@ def llama_intermediate_size(width: int) -> int:
 
 
 def hf_config(spec: ModelSpec) -> PretrainedConfig:
-    """The Hugging Face config for `spec`: no dropout anywhere, no BOS/EOS ids (the tokenizer owns them)."""
+    """The Hugging Face config for `spec`: no dropout anywhere, bos/eos ids from the spec (the
+    tokenizer's), so generation stops at the end-of-text token; pad stays unset."""
     if spec.family == "gpt2":
         return GPT2Config(
             vocab_size=spec.vocab_size,
@@ -117,8 +140,8 @@ def hf_config(spec: ModelSpec) -> PretrainedConfig:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
         )
     if spec.family == "llama":
         return LlamaConfig(
@@ -131,8 +154,8 @@ def hf_config(spec: ModelSpec) -> PretrainedConfig:
             max_position_embeddings=spec.context,
             attention_dropout=0.0,
             tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
             pad_token_id=None,
         )
     raise ElmError(f"model.family: unknown family {spec.family!r} (known: gpt2, llama)")
@@ -282,10 +305,63 @@ def flops_per_token(config: PretrainedConfig, context: int | None = None) -> int
     n_ctx is the trained sequence length (`context`, default the config's context length).
     As in Kaplan et al., embedding look-ups and the logits matmul (2*d_model*vocab forward) are not
     counted; for small models with large vocabularies that matmul is a sizeable extra cost, but it is
-    the same for every arm of a study, so compute matching is unaffected.
+    the same for every arm of a study, so compute matching is unaffected. `measured_flops_per_token`
+    counts what a GPU really multiplies (logits, the full attention square) for MFU figures.
     """
     with torch.device("meta"):  # count parameters without allocating them
         model = AutoModelForCausalLM.from_config(config)
     n = non_embedding_params(model)
     n_ctx = context if context is not None else _context_of(config)
     return 6 * n + 6 * _layers_of(config) * n_ctx * _width_of(config)
+
+
+def measured_flops_per_token(model: PreTrainedModel, context: int, batch: int = 1) -> float:
+    """Training FLOPs per token of one forward + backward pass, counted by torch's FlopCounterMode.
+
+    Runs `batch` random windows of `context` tokens on the model's device (next-token loss as in
+    `training.train`, gradients put back as they were afterwards) and counts every matrix product
+    at 2 FLOPs per multiply-add. Two settings make the count mean the same on every device:
+    attention runs on SDPA's math backend, so its products are plain `bmm`s the counter sees
+    (the fused CPU kernel is invisible to it, the CUDA ones are counted with a recomputation of
+    the scores), and a mixture-of-experts model runs its experts one `linear` at a time ("eager"),
+    so exactly the routed tokens' expert products are counted (grouped matmuls are invisible).
+
+    For a dense GPT-2 or Llama model the count is, per token,
+
+        6*N_matmul + 12*n_layer*n_ctx*d_model + 6*d_model*vocab
+
+    N_matmul: the weights of the linear layers (N of `flops_per_token` less biases and norm gains,
+    which cost elementwise work the counter ignores); 12*L*n_ctx*d: QK^T and the weighted sum
+    over the full n_ctx x n_ctx square (forward 4*L*n_ctx*d, backward twice that; no causal
+    saving), where `flops_per_token` counts 6*L*n_ctx*d; 6*d*vocab: the logits matmul, which
+    `flops_per_token` leaves out. tests/test_flops.py checks this to the FLOP.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]  # the caller's gradients, restored below
+    for p in params:
+        p.grad = None
+    experts = getattr(model.config, "_experts_implementation", None)
+    switch = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
+    was_training = model.training
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=generator).to(device)
+    counter = FlopCounterMode(display=False)
+    try:
+        if switch:
+            model.set_experts_implementation("eager")
+        model.train()
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # [batch, context, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+    finally:
+        if switch:
+            model.set_experts_implementation(experts)
+        model.train(was_training)
+        for p, g in zip(params, grads):
+            p.grad = g
+    return counter.get_total_flops() / (batch * context)

@@ -32,7 +32,16 @@ from elmforest.corpus import Corpus, check_domain_name
 from elmforest.errors import ElmError
 from elmforest.evaluate import eval_windows
 from elmforest.forest import EXPERT_JSON, read_expert, read_json
-from elmforest.models import TOKENIZER_FILES, arch_hash, build_model, copy_tokenizer_files, load_model, resolve_spec
+from elmforest.models import (
+    TOKENIZER_FILES,
+    arch_hash,
+    build_model,
+    copy_tokenizer_files,
+    fill_token_ids,
+    load_model,
+    resolve_spec,
+    token_ids,
+)
 from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
 from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
 from elmforest.tokens import token_array
@@ -154,13 +163,24 @@ def train_spec(recipe: Recipe, budget: Budget, micro_batches: int, threads: int 
 
 
 def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Path:
-    """RUN/tokenizer: a copy of `tokenizer.path`, or BPE trained on the train domains."""
+    """RUN/tokenizer: a copy of `tokenizer.path`, else of the `model.path` folder's own tokenizer,
+    else BPE trained on the train domains. With `model.path`, the tokenizer must fit the model's
+    embeddings (checked here, before anything is tokenised)."""
     out = Path(run_dir) / "tokenizer"
     if (out / "tokenizer.json").is_file():
         return out
-    if recipe.tokenizer.path:
-        src = Path(recipe.tokenizer.path)
-        load_tokenizer(src)  # validates the folder, naming any missing file
+    src = recipe.tokenizer.path or recipe.model.path
+    if src:
+        src = Path(src)
+        if not recipe.tokenizer.path and not (src / "tokenizer.json").is_file():
+            raise ElmError(
+                "model.path: the model folder has no tokenizer (tokenizer.json); save the model's tokenizer "
+                "beside it or set tokenizer.path",
+                src,
+            )
+        tokenizer = load_tokenizer(src)  # validates the folder, naming any missing file
+        if recipe.model.path:
+            check_tokenizer_fits(tokenizer, Path(recipe.model.path))
         with storage.atomic_dir(out) as tmp:
             copy_tokenizer_files(src, tmp)
         return out
@@ -173,6 +193,24 @@ def prepare_tokenizer(recipe: Recipe, run_dir: Path) -> Path:
         sample_bytes_per_domain=recipe.tokenizer.sample_bytes_per_domain,
     )
     return out
+
+
+def check_tokenizer_fits(tokenizer, model_dir: Path) -> None:
+    """Every token id must index a row of the model's embedding table (config `vocab_size`).
+
+    A table with more rows than the tokenizer has ids is fine (many released models pad it to a
+    multiple of 64 or 128; those rows are never an input and learn to get ~0 probability)."""
+    config = read_json(Path(model_dir) / "config.json", "model config")
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int) or rows < 1:
+        raise ElmError("model.path: config.json has no vocab_size", Path(model_dir) / "config.json")
+    ids = max(tokenizer.get_vocab().values()) + 1
+    if ids > rows:
+        raise ElmError(
+            f"model.path: the tokenizer has {ids} token ids but the model's embeddings have {rows} rows "
+            "(vocab_size); this tokenizer does not belong to this model",
+            model_dir,
+        )
 
 
 def domain_arrays(corpus: Corpus, tokenizer_dir: Path, domains: list[str], split: str) -> dict[str, Any]:
@@ -194,20 +232,33 @@ def valid_batches(arrays: dict[str, Any], context: int, windows_per_domain: int,
 
 
 def model_spec(recipe: Recipe, tokenizer_dir: Path):
-    return resolve_spec(recipe.model, vocab_size(load_tokenizer(tokenizer_dir)))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return resolve_spec(recipe.model, vocab_size(tokenizer), **token_ids(tokenizer))
 
 
 def initial_model(recipe: Recipe, tokenizer_dir: Path):
-    """A fresh model of the recipe's architecture, or the recipe's `model.path` checkpoint."""
+    """A fresh model of the recipe's architecture, or the recipe's `model.path` checkpoint (in
+    float32, the dtype every run trains its master weights in, with the tokenizer's bos/eos ids
+    where its config has none)."""
     if recipe.model.path:
-        return load_model(recipe.model.path)
+        model = load_model(recipe.model.path).float()
+        return fill_token_ids(model, token_ids(load_tokenizer(tokenizer_dir)))
     return build_model(model_spec(recipe, tokenizer_dir), seed=recipe.optim.seed)
 
 
 def model_context(recipe: Recipe, tokenizer_dir: Path) -> int:
+    """The training window: `model.context`, else the `model.path` folder's positions (a set
+    `model.context` may be shorter than those, never longer), else the named size's."""
     if recipe.model.path:
-        cfg = read_json(Path(recipe.model.path) / "config.json", "model config")
-        return int(cfg.get("n_positions") or cfg.get("max_position_embeddings"))
+        path = Path(recipe.model.path) / "config.json"
+        cfg = read_json(path, "model config")
+        limit = cfg.get("n_positions") or cfg.get("max_position_embeddings")
+        if not isinstance(limit, int) or limit < 2:
+            raise ElmError("model.path: config.json has no context length (n_positions or max_position_embeddings)", path)
+        context = recipe.model.context or limit
+        if context > limit:
+            raise ElmError(f"model.context={context} exceeds the model folder's {limit} positions", path)
+        return context
     return model_spec(recipe, tokenizer_dir).context
 
 
