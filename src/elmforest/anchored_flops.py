@@ -35,11 +35,10 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig, PreTrainedModel
 
 from elmforest.errors import require
+from elmforest.models import measured_flops_per_token
 
 CONVENTIONS = ("counter", "kaplan")
 
@@ -68,23 +67,10 @@ def step_flops_per_token(config: PretrainedConfig, context: int, *, anchored: bo
 
 def measured_step_flops(model: PreTrainedModel, batch: torch.Tensor) -> int:
     """FLOPs of one training step's forward and backward (next-token cross-entropy) on `batch`
-    [B, T+1], counted by FlopCounterMode with eager attention. Gradients are cleared afterwards;
-    the optimizer is not involved (its elementwise update is no matmul)."""
-    original = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    was_training = model.training
-    model.train()
-    device = next(model.parameters()).device
-    x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            logits = model(input_ids=x, use_cache=False).logits
-            F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.set_attn_implementation(original)
-        model.train(was_training)
-    return int(counter.get_total_flops())
+    [B, T+1], counted by FlopCounterMode (`models.measured_flops_per_token`, which leaves the
+    caller's gradients as they were); the optimizer is not involved (its update is no matmul)."""
+    tokens = batch.shape[0] * (batch.shape[1] - 1)
+    return round(measured_flops_per_token(model, batch.shape[1] - 1, ids=batch) * tokens)
 
 
 def anchored_training_flops(seed: PreTrainedModel, anchored: PreTrainedModel, batch: torch.Tensor) -> dict[str, Any]:

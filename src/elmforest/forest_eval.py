@@ -23,7 +23,8 @@ import torch
 from elmforest.config import Recipe
 from elmforest.forest import Forest
 from elmforest.report import geo_mean
-from elmforest.results import averaged_model, batched_logprobs, ema_prior, mixture_nll, nll_of
+from elmforest.mixing import mixture_nll
+from elmforest.results import averaged_model, batched_logprobs, ema_prior, nll_of
 
 
 def forest_scores(

@@ -315,10 +315,13 @@ def flops_per_token(config: PretrainedConfig, context: int | None = None) -> int
     return 6 * n + 6 * _layers_of(config) * n_ctx * _width_of(config)
 
 
-def measured_flops_per_token(model: PreTrainedModel, context: int, batch: int = 1) -> float:
+def measured_flops_per_token(
+    model: PreTrainedModel, context: int, batch: int = 1, ids: torch.Tensor | None = None
+) -> float:
     """Training FLOPs per token of one forward + backward pass, counted by torch's FlopCounterMode.
 
-    Runs `batch` random windows of `context` tokens on the model's device (next-token loss as in
+    Runs `batch` random windows of `context` tokens (or the given windows `ids` [B, T+1], which
+    then set batch and context) on the model's device (next-token loss as in
     `training.train`, gradients put back as they were afterwards) and counts every matrix product
     at 2 FLOPs per multiply-add. Two settings make the count mean the same on every device:
     attention runs on SDPA's math backend, so its products are plain `bmm`s the counter sees
@@ -347,8 +350,11 @@ def measured_flops_per_token(model: PreTrainedModel, context: int, batch: int = 
     switch = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
     was_training = model.training
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=generator).to(device)
+    if ids is None:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), generator=generator)
+    batch, context = ids.shape[0], ids.shape[1] - 1
+    ids = ids.to(device)
     counter = FlopCounterMode(display=False)
     try:
         if switch:

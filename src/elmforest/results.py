@@ -34,7 +34,7 @@ from elmforest.errors import ElmError
 from elmforest.evaluate import EvalWindows, document_sums
 from elmforest.forest import Forest, read_json
 from elmforest.methods import StudyMethod, study_methods
-from elmforest.mixing import TunedMixing, ema_prior as _ema_prior, mixture_nll, tune_mixing
+from elmforest.mixing import TunedMixing, ema_prior as _ema_prior, tune_mixing
 from elmforest.models import load_model
 from elmforest.scoring import prior_windows, split_windows
 from elmforest.tokens import token_array

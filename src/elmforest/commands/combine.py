@@ -34,7 +34,6 @@ from elmforest.scoring import (
     ensemble_scores,
     forest_context,
     forest_prior,
-    load_experts,
     load_prior,
     model_context,
     model_scores,
