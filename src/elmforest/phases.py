@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from elmforest import __version__, storage
+from elmforest import __version__, distributed, storage
 from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus, check_domain_name
@@ -230,7 +230,7 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     Resumable: a killed run continues from RUN/dense's last checkpoint; finished parts are skipped.
     """
     run_dir = Path(run_dir)
-    tok = prepare_tokenizer(recipe, run_dir)
+    tok = distributed.main_first(prepare_tokenizer, recipe, run_dir)  # data-parallel: rank 0 writes it
     corpus = Corpus(recipe.corpus)
     corpus.require(recipe.train_domains, "recipe train_domains")
     context = model_context(recipe, tok)
@@ -246,16 +246,21 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     spec = train_spec(recipe, budget, budget.dense_micro_batches)
     dense = dense_dir(run_dir)
     model = initial_model(recipe, tok)
-    copy_tokenizer_files(tok, dense, overwrite=False)
+    main = distributed.is_main()  # under G data-parallel ranks only rank 0 writes files
+    if main:
+        copy_tokenizer_files(tok, dense, overwrite=False)
     result = {}
     if not (seed_dir(run_dir) / SEED_JSON).is_file():
         result = train(model, sampler, spec, dense, stop_at_step=budget.seed_steps, valid_batches=valid, progress=progress)
-        snapshot_seed(run_dir, tok, result, recipe)
+        if main:
+            snapshot_seed(run_dir, tok, result, recipe)
     if full:
         model = initial_model(recipe, tok)  # weights come from the checkpoint
         sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
         result = train(model, sampler, spec, dense, valid_batches=valid, progress=progress)
-        storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
+        if main:
+            storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
+    distributed.barrier()  # the snapshot and dense.json exist before any rank returns
     return result
 
 
@@ -418,7 +423,8 @@ def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
 
 def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
-    resumable (a killed run continues from the folder's last checkpoint)."""
+    resumable (a killed run continues from the folder's last checkpoint). Inside a process group
+    every rank calls it (data-parallel training of this one expert); rank 0 writes."""
     expert_dir = Path(expert_dir)
     done = expert_dir / EXPERT_JSON
     if done.is_file():
@@ -460,7 +466,8 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
         "elmforest_version": __version__,
         "recipe": job["recipe"],
     }
-    storage.write_json(done, meta)
+    if distributed.is_main():  # under G data-parallel ranks only rank 0 writes files
+        storage.write_json(done, meta)
     return meta
 
 

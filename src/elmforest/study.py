@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from elmforest import mixtures, phases, storage
+from elmforest import distributed, mixtures, phases, storage
 from elmforest.config import Recipe, read_yaml
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
@@ -274,11 +274,12 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
         f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
         f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
     )
+    procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
     log("[2/9] seed (dense, domain-balanced)")
-    stage("seed", lambda: phases.train_seed(recipe, out, full=False, progress=progress))
+    stage("seed", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=False, progress=progress, procs=procs))
     if recipe.arms.dense:
         log("[3/9] dense baseline (the seed run continued to the full budget)")
-        stage("dense", lambda: phases.train_seed(recipe, out, full=True, progress=progress))
+        stage("dense", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=True, progress=progress, procs=procs))
     log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
@@ -292,7 +293,7 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
         stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
     if recipe.arms.demix:
         log("[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched")
-        stage("demix", lambda: mixtures.train_demix(recipe, out, progress=progress))
+        stage("demix", lambda: distributed.run_procs(mixtures.train_demix, recipe, out, progress=progress, procs=procs))
     if recipe.arms.btx:
         log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, routers fine-tuned on {recipe.arms.btx_tokens:,} tokens")
         stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))
