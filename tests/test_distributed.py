@@ -167,3 +167,14 @@ def test_ddp_study_gives_the_perplexities_of_one_process(tmp_path):
     state = load_train_state(tmp_path / "run2" / "experts" / "animals" / "train_state.pt")
     assert state["world_size"] == 2
     assert load_train_state(tmp_path / "run2" / "demix" / "train_state.pt")["world_size"] == 2
+
+
+def test_ddp_study_refuses_a_process_count_that_cannot_split_its_micro_batches():
+    from elmforest.phases import Budget, check_data_parallel
+
+    # 3 domains x 3 windows = 9 rows per dense micro-batch, 3 per expert micro-batch.
+    budget = Budget(context=32, n_experts=3, batch_tokens=288, total_steps=10, seed_steps=5, warmup_steps=1,
+                    dense_micro_batches=1, dense_blocks_per_domain=3, expert_micro_batches=1, expert_blocks=3)
+    check_data_parallel(budget, 3, "r.yaml")  # 9 and 3 both split in 3
+    with pytest.raises(ElmError, match=r"r.yaml: launcher.procs_per_job=2 does not divide the 9 windows of a dense"):
+        check_data_parallel(budget, 2, "r.yaml")

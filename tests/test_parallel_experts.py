@@ -67,19 +67,24 @@ def test_local_workers_match_sequential(seeded, sequential):
     assert_same(paths, sequential)
 
 
-def test_ray_matches_sequential(seeded, sequential):
+def run_on_ray(paths: list[str], config: LauncherConfig) -> dict[str, dict]:
+    """run_jobs with the `ray` launcher on an in-process Ray of 2 CPUs, shut down afterwards."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    recipe, out = seeded
-    paths = branch_all(recipe, out, out / "ray")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_jobs(paths, train_expert, LauncherConfig(kind="ray", num_cpus=1, threads_per_worker=1), log=lambda s: None)
+        return run_jobs(paths, train_expert, config, log=lambda s: None)
     finally:
         ray.shutdown()
+
+
+def test_ray_matches_sequential(seeded, sequential):
+    recipe, out = seeded
+    paths = branch_all(recipe, out, out / "ray")
+    run_on_ray(paths, LauncherConfig(kind="ray", num_cpus=1, threads_per_worker=1))
     assert_same(paths, sequential)
 
 
@@ -154,19 +159,9 @@ def test_ddp_ray_train_and_local_processes_train_the_same_expert(seeded, sequent
     """procs_per_job: 2 with the local launcher and with Ray Train (a TorchTrainer of 2 workers):
     bit-identical experts (same slices, same all-reduce), and within the data-parallel tolerance
     of tests/test_distributed.py of the 1-process experts."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
     recipe, out = seeded
     on_ray = branch_all(recipe, out, out / "ddp_ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        config = LauncherConfig(kind="ray", procs_per_job=2, num_cpus=1, threads_per_worker=1)
-        results = run_jobs(on_ray, train_expert, config, log=lambda s: None)
-    finally:
-        ray.shutdown()
+    results = run_on_ray(on_ray, LauncherConfig(kind="ray", procs_per_job=2, num_cpus=1, threads_per_worker=1))
     assert set(results) == set(DOMAINS) and all(r["steps"] > 0 for r in results.values())
     assert_same(on_ray, ddp_local)
     for p, ref in zip(ddp_local, sequential):

@@ -34,9 +34,9 @@ worker process); `ray` runs each job as a Ray Train `TorchTrainer` with G worker
 for G tasks per job and exports the distributed environment in each. A rank that dies fails the
 whole job, which is retried like any other.
 
-Each job's stdout and stderr are appended to `<path>/train.log` (a log stream, not a result
-file, so it is appended rather than written atomically). `fn` must be a top-level function of
-an importable module: it is pickled by reference into spawned processes, Ray tasks and Slurm jobs.
+Each job runs through `elmforest.worker.run_one`, which appends its stdout and stderr to
+`<path>/train.log` (a log stream, not a result file, so it is appended rather than written
+atomically). `fn` must be a top-level function of an importable module: it is pickled by reference into spawned processes, Ray tasks and Slurm jobs.
 Ray and submitit are imported only inside the functions that need them.
 """
 
@@ -50,9 +50,8 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +62,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from elmforest import distributed
 from elmforest.config import LauncherConfig
 from elmforest.errors import ElmError, require
+from elmforest.worker import LOG_NAME, JobFn, describe, one_line, run_one
 
-JobFn = Callable[[str, int | None], dict]
 Log = Callable[[str], Any]
-
-LOG_NAME = "train.log"  # per-job log file inside each expert folder
 
 
 def default_workers(n_jobs: int, cores: int | None = None, procs: int = 1) -> tuple[int, int]:
@@ -104,7 +101,7 @@ class _Retries:
 
     def should_retry(self, job: _Job, reason: str) -> bool:
         """After `job` failed with `reason`: True to run it again, False once it has no retries left."""
-        reason = _one_line(reason)
+        reason = one_line(reason)
         if job.attempts <= self.retries:
             self.log(f"retry {job.attempts}/{self.retries} for expert {job.name}: {reason}")
             return True
@@ -210,113 +207,6 @@ def run_jobs(
     return {name: results[name] for name in names}
 
 
-# --- what runs inside every worker -------------------------------------------------------------
-
-
-def _one_line(text: str) -> str:
-    """The informative line of an error text: the exception line of its (last) traceback, else
-    the first line. The exception line is the first unindented line after the frames; text may
-    follow it (submitit appends the paths of its logs)."""
-    lines = [line.rstrip() for line in str(text).splitlines() if line.strip()]
-    if not lines:
-        return "unknown error"
-    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("Traceback (most recent call last)")]
-    if starts:
-        for line in lines[starts[-1] + 1 :]:
-            if not line[0].isspace():
-                return line.strip()
-        return lines[-1].strip()
-    return lines[0].strip()
-
-
-def _describe(exc: BaseException) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}")
-
-
-@contextlib.contextmanager
-def _output_to_log(path: str, fd_level: bool) -> Iterator[None]:
-    """Append this job's stdout and stderr to `<path>/train.log` for the duration of the job.
-
-    fd_level also redirects file descriptors 1 and 2, catching output of C code and
-    subprocesses; the old descriptors are restored afterwards because Ray and submitit reuse
-    the process. Python-level redirection alone is used in-process (sequential), where the
-    parent's own descriptors must stay on the terminal.
-    """
-    with open(Path(path) / LOG_NAME, "a", buffering=1, encoding="utf-8") as f:
-        saved: list[int] = []
-        if fd_level:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            saved = [os.dup(1), os.dup(2)]
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                yield
-        finally:
-            f.flush()
-            for fd, old in zip((1, 2), saved):
-                os.dup2(old, fd)
-                os.close(old)
-
-
-def run_one(
-    fn: JobFn,
-    path: str,
-    threads: int | None,
-    attempt: int,
-    fd_level: bool = True,
-    storage: str | None = None,
-    sync_seconds: float = 60.0,
-    procs: int = 1,
-) -> dict:
-    """Run one job the way every launcher does: torch threads set, output in train.log.
-
-    procs > 1: spawn the job's ranks here (`distributed.run_procs`), each running this with
-    procs=1, and return rank 0's result. Inside a process group (Ray Train's, or one torchrun /
-    submitit describe in the environment) every rank runs `fn` itself.
-    With `storage` (an fsspec URL), the expert folder lives at STORAGE/<folder name>: it is pulled
-    into local scratch space, trained there, and pushed back every `sync_seconds` and at the end
-    by rank 0 (see elmforest.remote), so `path` need not exist on this node. Exceptions propagate
-    (after their traceback is written to the log).
-    """
-    if procs > 1:
-        args = (fn, path, threads, attempt, True, storage, sync_seconds)
-        return distributed.run_procs(run_one, *args, procs=procs, rank_threads=threads)
-    with distributed.process_group() as where:
-        if not storage:
-            return _run_here(fn, path, threads, attempt, fd_level, where)
-        from elmforest import remote
-
-        url = remote.join(storage, Path(path).name)
-        scratch = remote.scratch_dir(Path(path).name)
-        try:
-            remote.pull(url, scratch)
-            distributed.barrier()  # every rank holds its copy before rank 0 pushes a newer one
-            with remote.Pusher(scratch, url, sync_seconds) if where.is_main else contextlib.nullcontext():
-                return _run_here(fn, str(scratch), threads, attempt, fd_level, where)
-        finally:
-            remote.drop_scratch(scratch)
-
-
-def _run_here(fn: JobFn, path: str, threads: int | None, attempt: int, fd_level: bool, where) -> dict:
-    import torch
-
-    before = torch.get_num_threads()
-    with _output_to_log(path, fd_level):
-        rank = f", rank {where.rank} of {where.size}" if where.size > 1 else ""
-        print(f"== elmforest job: attempt {attempt}{rank}, pid {os.getpid()}, threads {threads} ==", flush=True)
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            return fn(path, threads)
-        except BaseException:
-            traceback.print_exc()
-            raise
-        finally:
-            torch.set_num_threads(before)  # leave a reused process (Ray, sequential) as it was
-
-
 # --- sequential ------------------------------------------------------------------------------------
 
 
@@ -333,7 +223,7 @@ def _run_sequential(
             try:
                 result = run_one(fn, job.path, threads, job.attempts, False, config.storage, config.sync_seconds, procs)
             except Exception as e:  # KeyboardInterrupt propagates
-                if retries.should_retry(job, _describe(e)):
+                if retries.should_retry(job, describe(e)):
                     continue
                 break
             done(job, result)
@@ -350,7 +240,7 @@ def _local_worker(fn: JobFn, path: str, threads: int, attempt: int, conn, storag
     try:
         message = ("ok", run_one(fn, path, threads, attempt, True, storage, sync_seconds, procs))
     except BaseException as e:
-        message = ("error", _describe(e))
+        message = ("error", describe(e))
     with contextlib.suppress(OSError):  # the parent may be gone already
         conn.send(message)
         conn.close()
@@ -501,7 +391,7 @@ def _run_ray(
                         result = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         cause = getattr(e, "cause", None)  # RayTaskError carries the job's exception
-                        if retries.should_retry(job, _describe(cause) if cause else _describe(e)):
+                        if retries.should_retry(job, describe(cause) if cause else describe(e)):
                             submit(job)
                         continue
                     done(job, result)
@@ -554,10 +444,10 @@ def _ray_train_reason(e: BaseException) -> str:
     connection, which follows from it), else the error itself."""
     failures = getattr(e, "worker_failures", None)
     if not isinstance(failures, dict) or not failures:
-        return _describe(e)
+        return describe(e)
     errors = [getattr(f, "cause", None) or f for _, f in sorted(failures.items())]
     own = [f for f in errors if not distributed.is_collective_error(f)]
-    return _describe((own or errors)[0])
+    return describe((own or errors)[0])
 
 
 # --- Slurm (submitit) ------------------------------------------------------------------------------
@@ -597,7 +487,7 @@ def _run_slurm(
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         executor.update_parameters(**params)
     except (ValueError, NameError, AssertionError) as e:
-        raise ElmError(f"launcher.slurm: {_describe(e)}") from None
+        raise ElmError(f"launcher.slurm: {describe(e)}") from None
     each = f" of {procs} tasks" if procs > 1 else ""
     log(f"training {len(jobs)} experts as submitit jobs{each} ({executor.cluster}), logs in {folder}")
     active: dict[Any, _Job] = {}
@@ -617,7 +507,7 @@ def _run_slurm(
                 try:
                     result = sjob.results()[0]  # task 0 is rank 0
                 except Exception as e:  # FailedJobError, UncompletedJobError (killed, timed out)
-                    if retries.should_retry(job, _describe(e)):
+                    if retries.should_retry(job, describe(e)):
                         submit(job)
                     continue
                 done(job, result)

@@ -120,6 +120,19 @@ def plan_budget(recipe: Recipe, context: int, source: str = "recipe") -> Budget:
     )
 
 
+def check_data_parallel(budget: Budget, procs: int, source: str = "recipe") -> None:
+    """Refuse, before anything trains, a process count that cannot split the micro-batches: each
+    of the G data-parallel processes takes 1/G of a micro-batch's windows (rows)."""
+    rows = {"dense": budget.dense_blocks_per_domain * budget.n_experts, "expert": budget.expert_blocks}
+    for arm, n in rows.items():
+        if n % procs:
+            raise ElmError(
+                f"launcher.procs_per_job={procs} does not divide the {n} windows of a {arm} micro-batch "
+                "(optim.micro_batch_tokens / model context)",
+                source,
+            )
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -227,6 +227,8 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    if distributed.env_size() > 1:
+        raise ElmError("elmforest run starts its own processes (launcher.procs_per_job); run it without torchrun")
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
     mixtures.check_arms(recipe)
@@ -275,6 +277,7 @@ def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: 
         f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
     )
     procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
+    phases.check_data_parallel(budget, procs)
     log("[2/9] seed (dense, domain-balanced)")
     stage("seed", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=False, progress=progress, procs=procs))
     if recipe.arms.dense:
