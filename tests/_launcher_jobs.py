@@ -94,3 +94,12 @@ def contract_job(path: str, threads: int | None) -> dict:
         (folder / "attempts").write_text("x")
         raise RuntimeError(f"flaky {folder.name}")
     return sgd_job(path, threads)
+
+
+def rank_sum_job(path: str, threads: int | None) -> dict:
+    """Run on each rank of a data-parallel job: all-reduce (rank + 1) over the group."""
+    from elmforest import distributed
+
+    where = distributed.world()
+    total = distributed.all_reduce_sum(torch.tensor([float(where.rank + 1)]))
+    return {"rank": where.rank, "size": where.size, "sum": float(total), "torch_threads": torch.get_num_threads()}

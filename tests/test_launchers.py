@@ -112,6 +112,21 @@ def test_every_registered_launcher_keeps_the_contract(kind, reference, request, 
     assert_same_weights([ok, flaky], ref_paths[:2])  # trained as the sequential reference did
 
 
+@pytest.mark.parametrize("kind", list(LAUNCHERS))
+def test_ddp_every_registered_launcher_runs_a_job_on_two_ranks(kind, request, tmp_path, monkeypatch):
+    """procs_per_job: 2 puts the job on 2 processes of one torch.distributed group (spawned ranks,
+    a Ray Train TorchTrainer, 2 Slurm tasks) and returns rank 0's result."""
+    if kind == "ray":
+        request.getfixturevalue("ray_session")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    (path,) = make_folders(tmp_path / "experts", ["alpha"])
+    config = LauncherConfig(kind=kind, procs_per_job=2, threads_per_worker=1, retries=0, **SETTINGS.get(kind, {}))
+    result = run_jobs([path], jobs.rank_sum_job, config, log=lambda s: None)["alpha"]
+    assert result == {"rank": 0, "size": 2, "sum": 3.0, "torch_threads": 1}  # 1 + 2, summed over the group
+    log = (Path(path) / "train.log").read_text()
+    assert "attempt 1, rank 0 of 2" in log and "attempt 1, rank 1 of 2" in log
+
+
 def test_launcher_registry_facts_and_the_config_check(monkeypatch, tmp_path):
     assert list(LAUNCHERS) == ["sequential", "local", "ray", "slurm"]
     assert [n for n, entry in LAUNCHERS.items() if entry.in_process] == ["sequential"]

@@ -5,6 +5,8 @@
 in a Slurm task): it sets the torch threads, appends the job's stdout and stderr to
 `<path>/train.log`, starts the job's data-parallel ranks when asked to (`procs`), and with an
 fsspec `storage` URL trains in local scratch space synced to that URL (`elmforest.remote`).
+Under G ranks every rank appends to train.log; with `storage` each rank has its own scratch copy
+and only rank 0's (log included) is pushed.
 """
 
 from __future__ import annotations
