@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
 from elmforest.phases import train_expert
 
 MARKER = ".killed-once"
@@ -32,4 +35,44 @@ def train_then_die(path: str, threads: int | None) -> dict:
                 time.sleep(0.005)
 
         threading.Thread(target=killer, daemon=True).start()
+    return train_expert(path, threads)
+
+
+# --- a storage URL whose upload dies halfway ------------------------------------------------------
+
+KILLED_IN_PUSH = "killed-in-push-{}"  # beside the expert folders in the bucket: survives the retry
+
+
+class KillingFileSystem(LocalFileSystem):
+    """Local files under `killpush://PATH`. In a worker's periodic push that re-uploads
+    train_state.pt after an earlier checkpoint already reached the bucket, it writes half of the
+    file to the upload's temporary name and SIGKILLs its own process: a worker killed inside a
+    push, with a stale checkpoint and half a new one at the URL. Once per expert."""
+
+    protocol = ("killpush",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        return super()._strip_protocol(path[len("killpush://") :] if path.startswith("killpush://") else path)
+
+    def put_file(self, lpath, rpath, **kwargs):
+        target = Path(self._strip_protocol(rpath).removesuffix(".partial"))
+        marker = target.parents[1] / KILLED_IN_PUSH.format(target.parent.name)
+        if target.name == "train_state.pt" and target.exists() and not marker.exists():
+            from elmforest.checkpoint import load_train_state
+
+            data = Path(lpath).read_bytes()
+            Path(self._strip_protocol(rpath)).write_bytes(data[: len(data) // 2])
+            stored = load_train_state(target)["step"]
+            marker.write_text(f"{load_train_state(lpath)['step']} {stored}")  # local step, stored step
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().put_file(lpath, rpath, **kwargs)
+
+
+fsspec.register_implementation("killpush", KillingFileSystem, clobber=True)
+
+
+def train_with_killing_storage(path: str, threads: int | None) -> dict:
+    """`phases.train_expert`, run from this module so that workers register `killpush://`."""
     return train_expert(path, threads)

@@ -82,3 +82,24 @@ def sleep_job(path: str, threads: int | None) -> dict:
         tmp.write_text(f"{os.getpid()} {torch.get_num_threads()}")
     time.sleep(120)
     return {}
+
+
+def contract_job(path: str, threads: int | None) -> dict:
+    """The launcher contract's job: a `fail` marker fails every attempt, a `flaky` marker fails
+    the first attempt only (both counted in `attempts`); otherwise, or after that, `sgd_job`."""
+    folder = Path(path)
+    if (folder / "fail").exists():
+        return always_fail_job(path, threads)
+    if (folder / "flaky").exists() and not (folder / "attempts").exists():
+        (folder / "attempts").write_text("x")
+        raise RuntimeError(f"flaky {folder.name}")
+    return sgd_job(path, threads)
+
+
+def rank_sum_job(path: str, threads: int | None) -> dict:
+    """Run on each rank of a data-parallel job: all-reduce (rank + 1) over the group."""
+    from elmforest import distributed
+
+    where = distributed.world()
+    total = distributed.all_reduce_sum(torch.tensor([float(where.rank + 1)]))
+    return {"rank": where.rank, "size": where.size, "sum": float(total), "torch_threads": torch.get_num_threads()}

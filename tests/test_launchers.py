@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 import _launcher_jobs as jobs
-from elmforest.config import LauncherConfig
+from elmforest.config import LauncherConfig, recipe_from_dict
 from elmforest.errors import ElmError
-from elmforest.launchers import default_workers, run_jobs
+from elmforest.launchers import LAUNCHERS, default_workers, run_jobs
 
 NAMES = ["alpha", "beta", "gamma"]
 
@@ -81,6 +81,66 @@ def ray_session():
         ray.shutdown()
 
 
+# --- the registry: every launcher keeps the same contract ------------------------------------------
+
+# What a launcher needs besides its kind to run on this machine (a new launcher without an entry
+# runs with the defaults).
+SETTINGS = {"slurm": {"slurm": {"cluster": "local", "timeout_min": 5}}}
+
+
+@pytest.mark.parametrize("kind", list(LAUNCHERS))
+def test_every_registered_launcher_keeps_the_contract(kind, reference, request, tmp_path, monkeypatch):
+    """A trivial job trains, a job that fails once is retried and succeeds, a job that always
+    fails is reported after its retries, and the other jobs are not disturbed."""
+    if kind == "ray":
+        request.getfixturevalue("ray_session")
+    # Fresh interpreters (submitit's `python -m`) must import the toy jobs too.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    ref_paths, _ = reference
+    ok, flaky, bad = make_folders(tmp_path / "experts", ["alpha", "beta", "bad"])
+    (Path(flaky) / "flaky").write_text("1")
+    (Path(bad) / "fail").write_text("1")
+    lines: list[str] = []
+    config = LauncherConfig(kind=kind, threads_per_worker=1, retries=1, **SETTINGS.get(kind, {}))
+    with pytest.raises(ElmError, match=r"expert bad failed after 2 attempts: RuntimeError: boom in bad"):
+        run_jobs([ok, flaky, bad], jobs.contract_job, config, log=lines.append)
+    assert sorted(retry_lines(lines)) == [
+        "retry 1/1 for expert bad: RuntimeError: boom in bad",
+        "retry 1/1 for expert beta: RuntimeError: flaky beta",
+    ]
+    assert (Path(bad) / "attempts").read_text() == "xx"
+    assert_same_weights([ok, flaky], ref_paths[:2])  # trained as the sequential reference did
+
+
+@pytest.mark.parametrize("kind", list(LAUNCHERS))
+def test_ddp_every_registered_launcher_runs_a_job_on_two_ranks(kind, request, tmp_path, monkeypatch):
+    """procs_per_job: 2 puts the job on 2 processes of one torch.distributed group (spawned ranks,
+    a Ray Train TorchTrainer, 2 Slurm tasks) and returns rank 0's result."""
+    if kind == "ray":
+        request.getfixturevalue("ray_session")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    (path,) = make_folders(tmp_path / "experts", ["alpha"])
+    config = LauncherConfig(kind=kind, procs_per_job=2, threads_per_worker=1, retries=0, **SETTINGS.get(kind, {}))
+    result = run_jobs([path], jobs.rank_sum_job, config, log=lambda s: None)["alpha"]
+    assert result == {"rank": 0, "size": 2, "sum": 3.0, "torch_threads": 1}  # 1 + 2, summed over the group
+    log = (Path(path) / "train.log").read_text()
+    assert "attempt 1, rank 0 of 2" in log and "attempt 1, rank 1 of 2" in log
+
+
+def test_launcher_registry_facts_and_the_config_check(monkeypatch, tmp_path):
+    assert list(LAUNCHERS) == ["sequential", "local", "ray", "slurm"]
+    assert [n for n, entry in LAUNCHERS.items() if entry.in_process] == ["sequential"]
+    assert {n: entry.package for n, entry in LAUNCHERS.items()} == {
+        "sequential": None, "local": None, "ray": "ray", "slurm": "submitit"}
+    assert all(entry.available for entry in LAUNCHERS.values())  # this environment has every extra
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert not LAUNCHERS["ray"].available and LAUNCHERS["local"].available
+    with pytest.raises(ElmError, match=r"launcher.kind: 'ray' needs ray: pip install 'elmforest\[ray\]'"):
+        run_jobs(make_folders(tmp_path, ["a"]), jobs.sgd_job, LauncherConfig(kind="ray"))
+    with pytest.raises(ElmError, match=r"launcher.kind: .*unknown launcher 'pbs'; choose one of sequential, local, ray, slurm"):
+        recipe_from_dict({"corpus": "c", "train_domains": ["a"], "launcher": {"kind": "pbs"}})
+
+
 # --- default_workers and argument checks ---------------------------------------------------------
 
 
@@ -90,6 +150,10 @@ def test_default_workers_share_the_cores():
     assert default_workers(3, cores=8) == (3, 2)
     assert default_workers(16, cores=8) == (8, 1)
     assert default_workers(0, cores=4) == (1, 4)
+    # Jobs of 2 processes each: the cores are shared by processes, not by jobs.
+    assert default_workers(3, cores=8, procs=2) == (3, 1)
+    assert default_workers(1, cores=8, procs=2) == (1, 4)
+    assert default_workers(4, cores=2, procs=2) == (1, 1)
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -48,3 +48,20 @@ def test_pusher_pushes_while_running_and_at_the_end(tmp_path):
 def test_unknown_protocol_is_a_user_error(tmp_path):
     with pytest.raises(ElmError, match="launcher.storage"):
         remote.push(tmp_path, "nosuchprotocol://bucket/x")
+
+
+def test_upload_order_puts_the_resume_point_first_then_oldest_first(tmp_path):
+    """A push killed midway must leave a resumable folder: train_state.pt (self-contained) goes
+    first, then every other file in the order it was written, so expert.json or a final
+    train.json never reaches the URL before the weights they vouch for."""
+    import os
+
+    names = ["expert.json", "train.json", "model.safetensors", "metrics.jsonl", "config.json", "train_state.pt"]
+    written = {"config.json": 1, "metrics.jsonl": 2, "train_state.pt": 3, "model.safetensors": 4,
+               "train.json": 5, "expert.json": 6}  # the order training writes them in
+    for name in names:
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, ns=(written[name] * 10**9, written[name] * 10**9))
+    (tmp_path / ".model.safetensors.1.tmp").write_text("half a write")
+    order = [p.name for p in remote.upload_order(tmp_path)]
+    assert order == ["train_state.pt", "config.json", "metrics.jsonl", "model.safetensors", "train.json", "expert.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -223,3 +224,57 @@ def test_resume_errors_name_the_problem(tmp_path):
     run(tmp_path, total_steps=10)
     with pytest.raises(ElmError, match="past the requested stop step 4"):
         run(tmp_path, total_steps=10, stop_at_step=4)
+
+
+def test_a_finished_train_json_beside_other_weights_is_not_trusted(tmp_path):
+    """A folder assembled from an interrupted upload can pair the final train.json with older
+    weights; train() must then finish from train_state.pt instead of returning those weights."""
+    final = run(tmp_path / "final", total_steps=10)
+    run(tmp_path / "early", total_steps=10, stop_at_step=4)
+    good = {k: v.clone() for k, v in weights(tmp_path / "final").items()}  # (load_file maps the file)
+    (tmp_path / "final" / "model.safetensors").write_bytes((tmp_path / "early" / "model.safetensors").read_bytes())
+    model = build_model(tiny_model_spec(), 0)
+    again = train(model, PatternSampler(7), tiny_train_spec(total_steps=10), tmp_path / "final", progress=False)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in final.items() if k != "seconds"}
+    assert_same_tensors(weights(tmp_path / "final"), good)
+    assert torch.equal(model.transformer.wte.weight.detach(), good["transformer.wte.weight"])
+
+
+def test_models_train_with_sdpa_attention_and_log_mfu(tmp_path):
+    model = build_model(tiny_model_spec(), 0)
+    model.set_attn_implementation("eager")  # e.g. a folder whose config asked for it
+    train(model, PatternSampler(7), tiny_train_spec(total_steps=2, warmup_steps=1), tmp_path, progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    # MFU = FLOPs in the interval / its seconds / peak; tokens/s is over the same interval.
+    from elmforest.hardware import peak_flops
+
+    for prev, row in zip([{"flops": 0, "tokens": 0}] + rows, rows):
+        seconds = (row["tokens"] - prev["tokens"]) / row["tokens_per_s"]
+        expected = (row["flops"] - prev["flops"]) / seconds / peak_flops("cpu", torch.float32)
+        assert row["mfu"] == pytest.approx(expected, rel=1e-2, abs=2e-6)
+
+
+def test_fused_adamw_takes_a_state_saved_unfused(tmp_path):
+    """The loop's CUDA path: AdamW fused, fed a state saved by the unfused optimizer (e.g. the
+    seed trained on CPU). Fused AdamW also runs on CPU, so the step counters' move and the update
+    are checked here: one fused step equals one unfused step."""
+    from elmforest.training import _apply_spec_to_optimizer, make_optimizer
+
+    spec = tiny_train_spec(total_steps=4)
+    run(tmp_path, total_steps=4, stop_at_step=2)
+    saved = load_train_state(tmp_path / "train_state.pt")
+    results = []
+    for fused in (False, True):
+        model = build_model(tiny_model_spec(), 0)
+        model.load_state_dict(saved["model"], strict=False)
+        opt = make_optimizer(model, spec, fused=fused)
+        opt.load_state_dict(copy.deepcopy(saved["optimizer"]))  # (a loaded state shares its step tensors)
+        _apply_spec_to_optimizer(opt, spec, fused=fused)
+        assert all(g["fused"] is (True if fused else None) for g in opt.param_groups)
+        batch = PatternSampler(7).batch(5)
+        model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss.backward()
+        opt.step()
+        results.append(model.state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-7, msg=k)

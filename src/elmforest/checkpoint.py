@@ -2,25 +2,34 @@
 
 `model.safetensors` is what Hugging Face writes too (tied tensors stored once, metadata
 `{"format": "pt"}`), plus `"sha256"`: a digest of every tensor's name, dtype, shape and bytes in
-sorted key order, so a flipped bit or a truncated copy is caught before a model is used.
+sorted key order, so a flipped bit or a truncated copy is caught before a model is used. The file
+is written here, not by `safetensors.save_file` (whose header lists metadata keys in a hash-map
+order that changes from process to process), so the same weights always give the same bytes:
+a header of sorted keys, then the tensors ordered by (alignment descending, name), as
+safetensors orders them.
 
 `train_state.pt` holds everything else a run needs to continue bit-identically: optimizer state,
-step, sampler state, RNG states. It holds only tensors, numbers, strings, lists, tuples and dicts,
+step, sampler state, RNG states (`rng`, and `rng_ranks`: one per rank of a data-parallel run,
+whose process count `world_size` records). It holds only tensors, numbers, strings, lists, tuples and dicts,
 so it loads with `torch.load(weights_only=True)` (no arbitrary unpickling).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
+import random
+import struct
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from elmforest import storage
 from elmforest.errors import ElmError
@@ -72,11 +81,43 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# torch dtype -> safetensors dtype name (the format's own spelling)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path) -> str:
-    """Write `tensors` atomically as a safetensors file with the checksum in its metadata; returns it."""
+    """Write `tensors` atomically as a safetensors file with the checksum in its metadata; returns it.
+
+    Layout (the safetensors format): 8 bytes little-endian header length N, N bytes of JSON
+    padded with spaces to a multiple of 8, then every tensor's raw little-endian bytes back to back;
+    the header maps each name to its dtype, shape and [begin, end) byte offsets into that data.
+    Keys sorted and tensors in a fixed order: equal weights give byte-identical files."""
+    if sys.byteorder != "little":
+        raise ElmError("safetensors files are little-endian; this machine is big-endian")
     digest = weights_sha256(tensors)
-    with storage.atomic_path(path) as tmp:
-        save_file(dict(tensors), str(tmp), metadata={"format": "pt", "sha256": digest})
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))  # aligned offsets
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "sha256": digest}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ElmError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store", path)
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
     return digest
 
 
@@ -168,3 +209,45 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ElmError("train state corrupt: not a dict", path)
     return state
+
+
+def stored_sha256(path: Path) -> str | None:
+    """The checksum in a safetensors file's metadata (None: no file, not safetensors, no checksum)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("sha256")
+    except (SafetensorError, OSError):
+        return None
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as weights_only-loadable values (tensors, ints, floats, lists, None)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

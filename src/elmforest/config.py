@@ -123,7 +123,7 @@ class EvalConfig(_Strict):
 class LauncherConfig(_Strict):
     """Where expert trainings run."""
 
-    kind: Literal["sequential", "local", "ray", "slurm"] = "local"
+    kind: str = Field("local", description="A launcher of elmforest.launchers.LAUNCHERS: sequential, local, ray, slurm.")
     workers: int | None = Field(None, gt=0, description="Parallel expert trainings (local); default from cores.")
     threads_per_worker: int | None = Field(None, gt=0)
     retries: int = Field(2, ge=0, description="Retries of a failed expert training, resuming its checkpoint.")
@@ -137,6 +137,19 @@ class LauncherConfig(_Strict):
         "between trainings, for nodes without a shared filesystem; unset: the run folder itself.",
     )
     sync_seconds: float = Field(60.0, gt=0, description="How often a worker pushes its expert folder to storage.")
+    procs_per_job: int = Field(
+        1, ge=1, description="Processes training each model data-parallel (torch.distributed): every expert, "
+        "and in `elmforest run` also the seed/dense and DEMix runs."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_launcher(cls, v: str) -> str:
+        from elmforest.launchers import LAUNCHERS  # (launchers imports this module)
+
+        if v not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {v!r}; choose one of {', '.join(LAUNCHERS)}")
+        return v
 
 
 class ArmsConfig(_Strict):

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from elmforest import __version__, btx, demix, phases, storage
+from elmforest import __version__, btx, demix, distributed, phases, storage
 from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
@@ -187,7 +187,9 @@ def train_demix(
             init = {"optimizer": opt_state, "step": int(state["step"])}
         else:  # seed_fraction 0: DEMix from the initial weights, fresh AdamW
             model = demix.to_demix(dense, len(domains))
-    copy_tokenizer_files(tok, out, overwrite=False)
+    main = distributed.is_main()  # under G data-parallel ranks only rank 0 writes files
+    if main:
+        copy_tokenizer_files(tok, out, overwrite=False)
 
     def route(ids: torch.Tensor) -> None:
         demix.set_domains(model, ids)
@@ -199,7 +201,8 @@ def train_demix(
     if result["steps"] < spec.total_steps:
         return result
     demix.clear_routing(model)
-    demix.save_demix(model, out, domains)
+    if main:
+        demix.save_demix(model, out, domains)
     meta = {
         "arm": "demix",
         "domains": domains,
@@ -209,7 +212,9 @@ def train_demix(
         "params": param_count(model),
         "elmforest_version": __version__,
     }
-    storage.write_json(out / DEMIX_RUN_JSON, meta)
+    if main:
+        storage.write_json(out / DEMIX_RUN_JSON, meta)
+    distributed.barrier()
     return meta
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from elmforest import __version__, storage
+from elmforest import __version__, distributed, storage
 from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus, check_domain_name
@@ -127,6 +127,19 @@ def plan_budget(recipe: Recipe, context: int, source: str = "recipe") -> Budget:
         expert_micro_batches=expert_batch // expert_micro,
         expert_blocks=expert_micro // context,
     )
+
+
+def check_data_parallel(budget: Budget, procs: int, source: str = "recipe") -> None:
+    """Refuse, before anything trains, a process count that cannot split the micro-batches: each
+    of the G data-parallel processes takes 1/G of a micro-batch's windows (rows)."""
+    rows = {"dense": budget.dense_blocks_per_domain * budget.n_experts, "expert": budget.expert_blocks}
+    for arm, n in rows.items():
+        if n % procs:
+            raise ElmError(
+                f"launcher.procs_per_job={procs} does not divide the {n} windows of a {arm} micro-batch "
+                "(optim.micro_batch_tokens / model context)",
+                source,
+            )
 
 
 def resolve_device(name: str) -> str:
@@ -274,6 +287,28 @@ def dense_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "dense"
 
 
+def dense_data(recipe: Recipe, run_dir: Path) -> tuple[Path, int, Budget, BalancedSampler, list[torch.Tensor]]:
+    """What every dense run of a study trains on -> (tokenizer dir, context, budget, a fresh
+    domain-balanced sampler, the valid batches): batch i is the same for the seed run, the dense
+    baseline, DEMix and the dense models at k x the compute."""
+    tok = distributed.main_first(prepare_tokenizer, recipe, run_dir)  # data-parallel: rank 0 writes it
+    corpus = Corpus(recipe.corpus)
+    corpus.require(recipe.train_domains, "recipe train_domains")
+    context = model_context(recipe, tok)
+    budget = plan_budget(recipe, context)
+    sampler = BalancedSampler(
+        domain_arrays(corpus, tok, recipe.train_domains, "train"), context, budget.dense_blocks_per_domain,
+        seed=recipe.optim.seed,
+    )
+    valid = valid_batches(
+        domain_arrays(corpus, tok, recipe.train_domains, "valid"),
+        context,
+        recipe.eval.valid_windows_per_domain,
+        recipe.eval.batch_size,
+    )
+    return tok, context, budget, sampler, valid
+
+
 def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the domain-balanced dense run to the seed step and snapshot RUN/seed; with `full`,
     continue the same run (same batches, same schedule) to the whole budget: the dense baseline.
@@ -281,23 +316,13 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     Resumable: a killed run continues from RUN/dense's last checkpoint; finished parts are skipped.
     """
     run_dir = Path(run_dir)
-    tok = prepare_tokenizer(recipe, run_dir)
-    corpus = Corpus(recipe.corpus)
-    corpus.require(recipe.train_domains, "recipe train_domains")
-    context = model_context(recipe, tok)
-    budget = plan_budget(recipe, context)
-    train_arrays = domain_arrays(corpus, tok, recipe.train_domains, "train")
-    valid = valid_batches(
-        domain_arrays(corpus, tok, recipe.train_domains, "valid"),
-        context,
-        recipe.eval.valid_windows_per_domain,
-        recipe.eval.batch_size,
-    )
-    sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+    tok, context, budget, sampler, valid = dense_data(recipe, run_dir)
     spec = train_spec(recipe, budget, budget.dense_micro_batches)
     dense = dense_dir(run_dir)
     model = initial_model(recipe, tok)
-    copy_tokenizer_files(tok, dense, overwrite=False)
+    main = distributed.is_main()  # under G data-parallel ranks only rank 0 writes files
+    if main:
+        copy_tokenizer_files(tok, dense, overwrite=False)
     result = {}
     # the seed, and the extra seeds of a seed-fraction sweep, are snapshots of this one run, in step order
     snapshots = [(budget.seed_steps, seed_dir(run_dir), recipe.budget.seed_fraction)] + [
@@ -307,12 +332,15 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     for steps, target, fraction in sorted(snapshots, key=lambda t: t[0]):
         if not (target / SEED_JSON).is_file():
             result = train(model, sampler, spec, dense, stop_at_step=steps, valid_batches=valid, progress=progress)
-            snapshot_seed(run_dir, tok, result, fraction, target)
+            if main:
+                snapshot_seed(run_dir, tok, result, fraction, target)
     if full:
         model = initial_model(recipe, tok)  # weights come from the checkpoint
-        sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
+        sampler = dense_data(recipe, run_dir)[3]
         result = train(model, sampler, spec, dense, valid_batches=valid, progress=progress)
-        storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
+        if main:
+            storage.write_json(dense / "dense.json", {"arm": "dense", **result, "tokenizer_hash": tokenizer_hash(tok)})
+    distributed.barrier()  # the snapshot and dense.json exist before any rank returns
     return result
 
 
@@ -337,27 +365,20 @@ def train_dense_multiple(recipe: Recipe, run_dir: Path, multiple: float, *, prog
     out = dense_multiple_dir(run_dir, multiple)
     if (out / DENSE_MULTIPLE_JSON).is_file():
         return read_json(out / DENSE_MULTIPLE_JSON, DENSE_MULTIPLE_JSON)
-    tok = prepare_tokenizer(recipe, run_dir)
-    corpus = Corpus(recipe.corpus)
-    context = model_context(recipe, tok)
-    budget = plan_budget(recipe, context)
+    tok, _context, budget, sampler, valid = dense_data(recipe, run_dir)
     steps = round(multiple * budget.total_steps)
     scaled = dataclasses.replace(
         budget, total_steps=steps, warmup_steps=min(round(recipe.optim.warmup_fraction * steps), steps - 1)
     )
-    train_arrays = domain_arrays(corpus, tok, recipe.train_domains, "train")
-    valid = valid_batches(
-        domain_arrays(corpus, tok, recipe.train_domains, "valid"),
-        context,
-        recipe.eval.valid_windows_per_domain,
-        recipe.eval.batch_size,
-    )
-    sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
-    copy_tokenizer_files(tok, out, overwrite=False)
+    main = distributed.is_main()  # under G data-parallel ranks only rank 0 writes files
+    if main:
+        copy_tokenizer_files(tok, out, overwrite=False)
     result = train(initial_model(recipe, tok), sampler, train_spec(recipe, scaled, budget.dense_micro_batches), out,
                    valid_batches=valid, progress=progress)
     meta = {"arm": out.name, "multiple": multiple, **result, "tokenizer_hash": tokenizer_hash(tok)}
-    storage.write_json(out / DENSE_MULTIPLE_JSON, meta)
+    if main:
+        storage.write_json(out / DENSE_MULTIPLE_JSON, meta)
+    distributed.barrier()
     return meta
 
 
@@ -536,7 +557,8 @@ def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
 
 def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
-    resumable (a killed run continues from the folder's last checkpoint)."""
+    resumable (a killed run continues from the folder's last checkpoint). Inside a process group
+    every rank calls it (data-parallel training of this one expert); rank 0 writes."""
     expert_dir = Path(expert_dir)
     done = expert_dir / EXPERT_JSON
     if done.is_file():
@@ -578,7 +600,8 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
         "elmforest_version": __version__,
         "recipe": job["recipe"],
     }
-    storage.write_json(done, meta)
+    if distributed.is_main():  # under G data-parallel ranks only rank 0 writes files
+        storage.write_json(done, meta)
     return meta
 
 

@@ -6,6 +6,16 @@ With `launcher.storage` set, a worker that trains an expert pulls the expert's f
 node therefore resumes from the last pushed checkpoint. Each file is uploaded under a temporary
 name and then moved into place, so a reader never sees half a file. The corpus and the
 tokenizer are still read from their recorded paths, which must exist on every node.
+
+A push is file by file, so a worker killed in the middle of one leaves the URL holding some
+files of the new state and some of the old. The upload order keeps that resumable:
+
+- `train_state.pt` first: it holds the weights, optimizer, sampler and RNG states, a resume
+  point on its own; metrics.jsonl, uploaded after it, then has every line up to its step.
+- the other files oldest first (by modification time when the push starts), so a file written
+  as a consequence of others (model.safetensors after train_state.pt, train.json's "done" after
+  the final weights, expert.json last of all) never arrives before them. `training.train` also
+  checks that a "done" train.json names the weights beside it before trusting it.
 """
 
 from __future__ import annotations
@@ -36,15 +46,32 @@ def join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
 
+RESUME_POINT = "train_state.pt"
+
+
+def upload_order(local: str | Path) -> list[Path]:
+    """The files of `local` to upload (not hidden temporaries), in the order described above."""
+    local = Path(local)
+    files = []
+    for path in local.rglob("*"):
+        rel = path.relative_to(local)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            if path.is_file():
+                files.append((path.name != RESUME_POINT, path.stat().st_mtime_ns, rel.as_posix(), path))
+        except FileNotFoundError:  # replaced (atomically) while we looked; the next push has it
+            continue
+    return [path for *_, path in sorted(files)]
+
+
 def push(local: str | Path, url: str) -> int:
     """Upload every file of `local` (not hidden temporaries) to `url`; returns the file count."""
     fs, root = _fs(url)
     local = Path(local)
     count = 0
-    for path in sorted(local.rglob("*")):
+    for path in upload_order(local):
         rel = path.relative_to(local)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
         target = f"{root.rstrip('/')}/{rel.as_posix()}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(path), target + PARTIAL)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from elmforest import mixtures, phases, storage
+from elmforest import distributed, mixtures, phases, storage
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError
@@ -91,6 +91,8 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    if distributed.env_size() > 1:
+        raise ElmError("elmforest run starts its own processes (launcher.procs_per_job); run it without torchrun")
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
     mixtures.check_arms(recipe)
@@ -189,14 +191,17 @@ def _train_and_score(
         f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
         f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
     )
+    procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
+    phases.check_data_parallel(budget, procs)
     log("[2/9] seed (dense, domain-balanced)")
-    stage("seed", lambda: phases.train_seed(recipe, out, full=False, progress=progress))
+    stage("seed", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=False, progress=progress, procs=procs))
     if recipe.arms.dense:
         log("[3/9] dense baseline (the seed run continued to the full budget)")
-        stage("dense", lambda: phases.train_seed(recipe, out, full=True, progress=progress))
+        stage("dense", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=True, progress=progress, procs=procs))
         for k in recipe.arms.dense_multiples:
             log(f"[3/9] dense at {k:g} x the compute, from scratch with its own schedule")
-            stage(f"dense_x{k:g}", lambda k=k: phases.train_dense_multiple(recipe, out, k, progress=progress))
+            stage(f"dense_x{k:g}", lambda k=k: distributed.run_procs(
+                phases.train_dense_multiple, recipe, out, k, progress=progress, procs=procs))
     log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
@@ -215,7 +220,7 @@ def _train_and_score(
         stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
     if recipe.arms.demix:
         log("[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched")
-        stage("demix", lambda: mixtures.train_demix(recipe, out, progress=progress))
+        stage("demix", lambda: distributed.run_procs(mixtures.train_demix, recipe, out, progress=progress, procs=procs))
     if recipe.arms.btx:
         log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, routers fine-tuned on {recipe.arms.btx_tokens:,} tokens")
         stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))

@@ -1,53 +1,72 @@
-"""The one training loop: AdamW, linear warm-up and decay, gradient accumulation, resumable.
+"""The one training loop: AdamW, linear warm-up and decay, gradient accumulation, resumable,
+data-parallel over G processes.
 
-Every run in elmforest (the seed, the dense baseline, each expert, the random-split forest) goes
-through `train`. A run folder holds `config.json` + `model.safetensors` (the model, loadable with
-`from_pretrained`), `train_state.pt` (everything needed to continue bit-identically),
+Every run in elmforest (the seed, the dense baseline, each expert, the random-split forest, DEMix)
+goes through `train`. A run folder holds `config.json` + `model.safetensors` (the model, loadable
+with `from_pretrained`), `train_state.pt` (everything needed to continue bit-identically),
 `metrics.jsonl` (one JSON line per logged step) and `train.json` (spec and status).
 
 Arithmetic of one step (nanoGPT's vocabulary):
     tokens/step = micro_batches * B * block          (each sampler batch is [B, block+1] tokens:
                                                       inputs [:, :-1], next-token targets [:, 1:])
     FLOPs/step  = tokens/step * models.flops_per_token(config, block)    (~6N + 6*L*block*d)
+    MFU         = FLOPs/step * steps/s / (G * hardware.peak_flops(device))
 The schedule is defined over `total_steps`; a run may stop early at `stop_at_step` (the seed
 checkpoint at a fraction of the budget) and later continue from that checkpoint to `total_steps`,
 bit-identically to a run that never stopped.
 
+Data parallelism (`elmforest.distributed`): inside a process group of G ranks, every rank draws
+the same sampler batch and keeps rows [r*B/G, (r+1)*B/G) of it; DistributedDataParallel averages
+the gradients over the ranks in the backward pass of the step's last micro-batch (`no_sync` on
+the others), so every rank holds the gradient of the whole batch's mean loss, as one process
+would, and clips and steps identically. That is one all-reduce of the float32 gradient per step:
+4 bytes x trainable parameters, whatever the micro-batch count. Tokens and FLOPs count the whole
+batch; the logged loss is the mean over all ranks. Rank 0 alone prints and writes metrics.jsonl,
+checkpoints (holding every rank's RNG state) and train.json. A checkpoint written by G ranks
+resumes under G ranks only.
+
+Devices: with `spec.device` "cuda" each rank trains on cuda:LOCAL_RANK, batches are copied from
+pinned memory without blocking, AdamW runs fused, attention is PyTorch's SDPA, and `spec.bf16`
+autocasts the forward to bfloat16. Nothing here assumes a CPU.
+
 Routing (DEMix): `train(..., route=fn)` asks the sampler for `next_batch_with_domains()` ->
-(tokens [B, block+1], domain ids [B]) and calls `fn(domain_ids)` before each forward, so a model
-whose layers depend on the row's domain (`demix.set_domains`) trains in this same loop. The ids
-are a pure function of the batch index, like the tokens, so resumption stays bit-identical.
+(tokens [B, block+1], domain ids [B]) and calls `fn(ids of this rank's rows)` before each
+forward, so a model whose layers depend on the row's domain (`demix.set_domains`) trains in this
+same loop. The ids are a pure function of the batch index, like the tokens, so resumption stays
+bit-identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from elmforest import storage
+from elmforest import distributed, hardware, storage
 from elmforest.checkpoint import (
     TRAIN_STATE_NAME,
     WEIGHTS_NAME,
     load_train_state,
     load_weights_into,
+    rng_state,
     save_train_state,
     save_weights,
+    set_rng_state,
+    stored_sha256,
     verify_weights,
     weights_sha256,
     weights_state_dict,
 )
+from elmforest.distributed import World
 from elmforest.errors import ElmError
 from elmforest.models import flops_per_token
 
@@ -144,35 +163,43 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (1.0 - (1.0 - spec.final_lr_fraction) * progress)
 
 
-def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with two groups: matrices decay, vectors (biases, norm gains) do not.
 
     Every >= 2-D parameter decays, the token/position embeddings included (nanoGPT's rule and
     the pilot's); tied tensors appear once in `named_parameters`, so they are one entry.
+    `fused`: one kernel for the whole update (what the loop asks for on CUDA).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr_at(0, spec), betas=spec.betas, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr_at(0, spec), betas=spec.betas, eps=1e-8, fused=fused or None)
 
 
-def _apply_spec_to_optimizer(optimizer: torch.optim.Optimizer, spec: TrainSpec) -> None:
-    """A loaded optimizer state carries its own hyper-parameters; this run's spec wins."""
+def _apply_spec_to_optimizer(optimizer: torch.optim.Optimizer, spec: TrainSpec, fused: bool = False) -> None:
+    """A loaded optimizer state carries its own hyper-parameters; this run's spec and device win.
+
+    A state saved by an unfused AdamW keeps its step counters on the CPU; the fused kernel wants
+    them as float32 on the parameter's device (and an unfused one takes them anywhere)."""
     decays = (spec.weight_decay, 0.0)
     for group, wd in zip(optimizer.param_groups, decays):
         group["betas"] = spec.betas
         group["weight_decay"] = wd
+        group["fused"] = True if fused else None
+        if fused:
+            group["foreach"] = None
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
-def mean_loss(
-    model: torch.nn.Module, batches: Sequence[Any], *, bf16: bool = False, route: Route | None = None
-) -> float:
-    """Mean next-token cross-entropy (nats) over `batches` ([B, block+1] each), without gradients.
-
-    With `route`, each batch is a pair (tokens [B, block+1], domain ids [B]) and `route(ids)` runs
-    before its forward pass."""
+def _loss_sum(
+    model: torch.nn.Module, batches: Sequence[Any], bf16: bool, route: Route | None
+) -> tuple[float, int]:
+    """(sum over `batches` of each batch's mean next-token cross-entropy, number of batches)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -188,39 +215,27 @@ def mean_loss(
                 logits = model(input_ids=x, use_cache=False).logits
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
     model.train(was_training)
-    return total / max(1, len(batches))
+    return total, len(batches)
 
 
-def _rng_state() -> dict[str, Any]:
-    """All RNG states as weights_only-loadable values (tensors, ints, floats, lists, None)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def mean_loss(
+    model: torch.nn.Module, batches: Sequence[Any], *, bf16: bool = False, route: Route | None = None
+) -> float:
+    """Mean next-token cross-entropy (nats) over `batches` ([B, block+1] each), without gradients.
+
+    With `route`, each batch is a pair (tokens [B, block+1], domain ids [B]) and `route(ids)` runs
+    before its forward pass."""
+    total, n = _loss_sum(model, batches, bf16, route)
+    return total / max(1, n)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _valid_loss(model: torch.nn.Module, batches: Sequence[Any], bf16: bool, route: Route | None, where: World) -> float:
+    """`mean_loss` over all `batches`, each rank scoring every G-th batch: the same number under any G
+    (per-batch means summed over the ranks in float64; only the summation order differs)."""
+    total, n = _loss_sum(model, list(batches)[where.rank :: where.size], bf16, route)
+    device = next(model.parameters()).device
+    sums = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device))
+    return float(sums[0]) / max(1.0, float(sums[1]))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -246,22 +261,173 @@ def _truncate_metrics(path: Path, step: int) -> None:
     storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _weights_match(out_dir: Path, state: dict[str, Any]) -> bool:
-    """Does out_dir/model.safetensors hold the checkpoint's weights (its stored sha256 agrees)?"""
-    try:
-        with safe_open(str(out_dir / WEIGHTS_NAME), framework="pt") as f:
-            stored = (f.metadata() or {}).get("sha256")
-    except (SafetensorError, OSError):
-        return False
-    return stored == weights_sha256(state["model"])
-
-
 def _read_train_json(path: Path) -> dict[str, Any] | None:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     return info if isinstance(info, dict) else None
+
+
+# --- the bookkeeping around the loop: progress, resume, checkpoints, metrics ----------------------
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The counters a checkpoint carries and a resumed run continues from."""
+
+    step: int
+    start_step: int
+    tokens: int = 0
+    flops: int = 0
+    seconds: float = 0.0  # training time before this call (earlier calls on the same folder)
+    last_loss: float | None = None
+    valid_loss: float | None = None
+    valid_step: int | None = None
+
+
+def _finished(out_dir: Path, target: int, model: torch.nn.Module) -> dict[str, Any] | None:
+    """A run already finished at `target`: load its weights into `model` and return its stored
+    result; else None. The weights must be the ones train.json recorded (a copy assembled from
+    an interrupted upload can pair a final train.json with older weights)."""
+    info = _read_train_json(out_dir / TRAIN_JSON_NAME)
+    if not (info and info.get("status") in ("done", "stopped") and info.get("step") == target):
+        return None
+    weights = out_dir / WEIGHTS_NAME
+    recorded = info.get("weights_sha256")
+    if not (out_dir / TRAIN_STATE_NAME).is_file() or (recorded and stored_sha256(weights) != recorded):
+        return None
+    verify_weights(weights)
+    load_weights_into(model, load_file(weights), weights)
+    return info["result"]
+
+
+def _resume(
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: Sampler,
+    spec: TrainSpec,
+    init_optimizer_state: dict[str, Any] | None,
+    where: World,
+) -> tuple[_Progress, bool]:
+    """Where to start: the checkpoint in out_dir, the seed's optimizer state, or scratch.
+
+    Returns (progress, whether model.safetensors already holds the checkpoint's weights)."""
+    state_path = out_dir / TRAIN_STATE_NAME
+    if not state_path.is_file():
+        torch.manual_seed(spec.seed)
+        step = 0
+        if init_optimizer_state is not None:
+            try:
+                optimizer.load_state_dict(init_optimizer_state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise ElmError(f"initial optimizer state does not match the model ({e})") from None
+            step = int(init_optimizer_state["step"])
+        return _Progress(step=step, start_step=step), False
+    state = load_train_state(state_path)
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise ElmError(f"train state format {state.get('format')!r} is not {TRAIN_STATE_FORMAT!r}", state_path)
+    ranks = int(state.get("world_size", 1))
+    if ranks != where.size:
+        raise ElmError(
+            f"this checkpoint was written by {ranks} processes and resumes only under {ranks} "
+            f"(--procs {ranks} or launcher.procs_per_job: {ranks}), not {where.size}",
+            state_path,
+        )
+    load_weights_into(model, state["model"], state_path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ElmError(f"optimizer state does not match the model ({e})", state_path) from None
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state.get("rng_ranks", [state["rng"]])[where.rank])
+    progress = _Progress(**{f.name: state[f.name] for f in dataclasses.fields(_Progress)})
+    if where.is_main:
+        print(f"continuing {out_dir} from the checkpoint at step {progress.step}", flush=True)
+    return progress, stored_sha256(out_dir / WEIGHTS_NAME) == weights_sha256(state["model"])
+
+
+def _save_checkpoint(
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: Sampler,
+    progress: _Progress,
+    seconds: float,
+    where: World,
+) -> None:
+    """Every rank sends its RNG state to rank 0, which writes train_state.pt, then model.safetensors.
+
+    train_state.pt carries the weights too, so it alone is a consistent resume point even if a
+    kill lands between it and model.safetensors (the Hugging Face copy, written second). The
+    model, optimizer and sampler are identical on every rank; the RNG states need not be."""
+    rngs = distributed.gather_objects(rng_state())  # a collective: every rank calls it
+    if not where.is_main:
+        return
+    fields = dataclasses.asdict(progress)
+    save_train_state(
+        out_dir / TRAIN_STATE_NAME,
+        {
+            "format": TRAIN_STATE_FORMAT,
+            **fields,
+            "seconds": seconds,
+            "world_size": where.size,
+            "model": weights_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+        },
+    )
+    save_weights(model, out_dir)
+
+
+class _Meter:
+    """Rank 0's lines of metrics.jsonl: throughput and MFU over the steps since the previous line."""
+
+    def __init__(self, path: Path, progress: _Progress, device: torch.device, bf16: bool, where: World):
+        self.path, self.where = path, where
+        # The device's peak, timed once per process on a CPU; all G ranks' devices count.
+        peak = hardware.peak_flops(device, torch.bfloat16 if bf16 else torch.float32) if where.is_main else 0.0
+        self.peak = peak * where.size
+        self.mark(progress)
+
+    def mark(self, progress: _Progress) -> None:
+        self.t, self.tokens, self.flops = time.perf_counter(), progress.tokens, progress.flops
+
+    def log(self, progress: _Progress, lr: float, evaluated: bool) -> None:
+        if not self.where.is_main:
+            return
+        seconds = max(time.perf_counter() - self.t, 1e-9)
+        row = {
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "loss": round(progress.last_loss, 6),
+            "lr": lr,
+            "tokens_per_s": round((progress.tokens - self.tokens) / seconds, 1),
+            "flops": progress.flops,
+            "mfu": round((progress.flops - self.flops) / seconds / self.peak, 6),
+        }
+        if evaluated:
+            row["valid_loss"] = round(progress.valid_loss, 6)
+        storage.append_line(self.path, json.dumps(row))
+        self.mark(progress)
+
+
+def _prefer_sdpa(model: torch.nn.Module) -> None:
+    """PyTorch's scaled-dot-product attention (flash / memory-efficient kernels on GPU).
+    transformers 5 already picks it for GPT-2 and Llama; a model set to "eager" is switched."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "eager" and getattr(model, "_supports_sdpa", False):
+        model.set_attn_implementation("sdpa")
+
+
+def _next_batch(sampler: Sampler, route: Route | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampler's next batch [B, block+1] (and its rows' domain ids [B] when routing)."""
+    if route is None:
+        return sampler.next_batch(), None
+    return sampler.next_batch_with_domains()
 
 
 def train(
@@ -286,173 +452,127 @@ def train(
     schedule, as in the reference setup. Tokens and FLOPs count what this run folder trained.
     `route` (DEMix): the sampler must have `next_batch_with_domains()`; `route(domain_ids)` runs
     before every forward pass, and `valid_batches` are then (tokens, domain ids) pairs.
+    Inside a torch.distributed process group every rank calls this with the same arguments
+    (see the module docstring); each gets the result.
 
     Returns {steps, start_step, tokens, flops, final_loss, final_valid_loss, seconds}.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    storage.clean_stale_temporaries(out_dir)
     target = spec.total_steps if stop_at_step is None else stop_at_step
     if not 0 <= target <= spec.total_steps:
         raise ElmError(f"stop_at_step={stop_at_step} must lie in [0, total_steps={spec.total_steps}]")
-    state_path = out_dir / TRAIN_STATE_NAME
-    metrics_path = out_dir / METRICS_NAME
-    info_path = out_dir / TRAIN_JSON_NAME
-
-    info = _read_train_json(info_path)
-    if info and info.get("status") in ("done", "stopped") and info.get("step") == target and state_path.is_file():
-        verify_weights(out_dir / WEIGHTS_NAME)
-        load_weights_into(model, load_file(out_dir / WEIGHTS_NAME), out_dir / WEIGHTS_NAME)
-        return info["result"]
+    where = distributed.world()  # rank r of G (0 of 1 outside a process group)
+    done = _finished(out_dir, target, model)
+    if done is not None:
+        return done
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    device = torch.device(spec.device)
+    device = distributed.device_of(spec.device, where)
+    _prefer_sdpa(model)
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, spec)
-
-    # ---- where to start: a checkpoint in out_dir, the seed's optimizer state, or scratch
-    if state_path.is_file():
-        state = load_train_state(state_path)
-        if state.get("format") != TRAIN_STATE_FORMAT:
-            raise ElmError(f"train state format {state.get('format')!r} is not {TRAIN_STATE_FORMAT!r}", state_path)
-        load_weights_into(model, state["model"], state_path)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ElmError(f"optimizer state does not match the model ({e})", state_path) from None
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
-        step, start_step = int(state["step"]), int(state["start_step"])
-        tokens, flops, seconds = int(state["tokens"]), int(state["flops"]), float(state["seconds"])
-        last_loss, valid_loss, valid_step = state["last_loss"], state["valid_loss"], state["valid_step"]
-        print(f"continuing {out_dir} from the checkpoint at step {step}", flush=True)
-    else:
-        state = None
-        torch.manual_seed(spec.seed)
-        step = 0
-        if init_optimizer_state is not None:
-            try:
-                optimizer.load_state_dict(init_optimizer_state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise ElmError(f"initial optimizer state does not match the model ({e})") from None
-            step = int(init_optimizer_state["step"])
-        start_step, tokens, flops, seconds = step, 0, 0, 0.0
-        last_loss, valid_loss, valid_step = None, None, None
-    _apply_spec_to_optimizer(optimizer, spec)
-    if step > target:
-        raise ElmError(f"checkpoint is at step {step}, past the requested stop step {target}", out_dir)
-    _truncate_metrics(metrics_path, step)  # the steps after the checkpoint are re-run and re-logged
-    # The step whose weights model.safetensors holds; None forces a final save when it is stale.
-    checkpoint_step = step if state is not None and _weights_match(out_dir, state) else None
-    storage.write_json(
-        info_path, {"status": "running", "step": step, "target_step": target, "spec": dataclasses.asdict(spec)}
-    )
+    optimizer = make_optimizer(model, spec, fused=device.type == "cuda")
+    p, weights_saved = _resume(out_dir, model, optimizer, sampler, spec, init_optimizer_state, where)
+    _apply_spec_to_optimizer(optimizer, spec, fused=device.type == "cuda")
+    if p.step > target:
+        raise ElmError(f"checkpoint is at step {p.step}, past the requested stop step {target}", out_dir)
+    checkpoint_step = p.step if weights_saved else None  # None forces a final save of stale weights
+    distributed.barrier()  # every rank has read out_dir before rank 0 writes to it
+    if where.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.clean_stale_temporaries(out_dir)
+        _truncate_metrics(out_dir / METRICS_NAME, p.step)  # the steps after the checkpoint are re-run and re-logged
+        storage.write_json(
+            out_dir / TRAIN_JSON_NAME,
+            {"status": "running", "step": p.step, "target_step": target, "spec": dataclasses.asdict(spec)},
+        )
 
     def evaluate() -> float:
-        return mean_loss(model, valid_batches or [], bf16=spec.bf16, route=route)
+        return _valid_loss(model, valid_batches or [], spec.bf16, route, where)
 
     def checkpoint() -> None:
-        # train_state.pt carries the weights too, so it alone is a consistent resume point even if
-        # a kill lands between it and model.safetensors (the Hugging Face copy, written second).
-        save_train_state(
-            state_path,
-            {
-                "format": TRAIN_STATE_FORMAT,
-                "step": step,
-                "start_step": start_step,
-                "tokens": tokens,
-                "flops": flops,
-                "seconds": seconds + (time.perf_counter() - t_start),
-                "last_loss": last_loss,
-                "valid_loss": valid_loss,
-                "valid_step": valid_step,
-                "model": weights_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": _rng_state(),
-            },
-        )
-        save_weights(model, out_dir)
+        _save_checkpoint(out_dir, model, optimizer, sampler, p, p.seconds + time.perf_counter() - t_start, where)
 
-    forward = torch.compile(model) if spec.compile else model
+    meter = _Meter(out_dir / METRICS_NAME, p, device, spec.bf16, where)
+    ddp = distributed.data_parallel(model, device, where, find_unused=route is not None)  # None in a single process
+    forward = ddp or model
+    if spec.compile:
+        forward = torch.compile(forward)
     flops_cache: dict[int, int] = {}  # block length -> training FLOPs per token
-    t_start = t_log = time.perf_counter()
-    tokens_at_log = tokens
+    t_start = time.perf_counter()
+    meter.mark(p)
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, TimeRemainingColumn(), disable=not progress) as bar:
-        task = bar.add_task("train", total=target, completed=step, info="")
-        while step < target:
-            lr = lr_at(step, spec)
+    with Progress(*columns, TimeRemainingColumn(), disable=not (progress and where.is_main)) as bar:
+        task = bar.add_task("train", total=target, completed=p.step, info="")
+        while p.step < target:
+            lr = lr_at(p.step, spec)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for _ in range(spec.micro_batches):
-                if route is None:
-                    batch = sampler.next_batch().to(device)  # [B, block+1]
-                else:  # the model is told each row's domain before the forward (DEMix)
-                    batch, domains = sampler.next_batch_with_domains()
-                    route(domains)
-                    batch = batch.to(device)
-                x, y = batch[:, :-1], batch[:, 1:]  # inputs and next-token targets, [B, block] each
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
-                    logits = forward(input_ids=x, use_cache=False).logits  # [B, block, vocab]
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / spec.micro_batches).backward()  # the step's gradient = mean over micro-batches
-                loss_sum += loss.item()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(spec.micro_batches):
+                batch, domains = _next_batch(sampler, route)  # [B, block+1], the same on every rank
+                rows = distributed.shard_rows(batch.shape[0], where)  # this rank's B/G rows
+                if route is not None:  # the model is told each row's domain before the forward (DEMix)
+                    route(domains[rows])
+                x_y = hardware.to_device(batch[rows], device)
+                x, y = x_y[:, :-1], x_y[:, 1:]  # inputs and next-token targets, [B/G, block] each
+                # The gradient all-reduce runs in the backward of the step's last micro-batch only.
+                last = micro == spec.micro_batches - 1
+                with ddp.no_sync() if ddp is not None and not last else nullcontext():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
+                        logits = forward(input_ids=x, use_cache=False).logits  # [B/G, block, vocab]
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    (loss / spec.micro_batches).backward()  # the step's gradient = mean over micro-batches
+                loss_sum += loss.detach()
                 block = x.shape[1]
                 if block not in flops_cache:
                     flops_cache[block] = flops_per_token(model.config, context=block)
-                tokens += x.numel()  # B * block tokens predicted
-                flops += flops_cache[block] * x.numel()  # ~(6N + 6*L*block*d) per token
+                p.tokens += batch.shape[0] * block  # B * block tokens predicted, over all ranks
+                p.flops += flops_cache[block] * batch.shape[0] * block  # ~(6N + 6*L*block*d) per token
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss_sum / spec.micro_batches
+            p.step += 1
+            p.last_loss = distributed.all_reduce_sum(loss_sum).item() / (spec.micro_batches * where.size)
 
-            eval_due = step == target or (spec.eval_every > 0 and step % spec.eval_every == 0)
+            eval_due = p.step == target or (spec.eval_every > 0 and p.step % spec.eval_every == 0)
             evaluated = bool(valid_batches) and eval_due
             if evaluated:
-                valid_loss, valid_step = evaluate(), step
-            if evaluated or step % spec.log_every == 0 or step == target:
-                now = time.perf_counter()
-                row = {
-                    "step": step,
-                    "tokens": tokens,
-                    "loss": round(last_loss, 6),
-                    "lr": lr,
-                    "tokens_per_s": round((tokens - tokens_at_log) / max(now - t_log, 1e-9), 1),
-                    "flops": flops,
-                }
-                if evaluated:
-                    row["valid_loss"] = round(valid_loss, 6)
-                storage.append_line(metrics_path, json.dumps(row))
-                t_log, tokens_at_log = now, tokens
-            if step % spec.checkpoint_every == 0 or step == target:
+                p.valid_loss, p.valid_step = evaluate(), p.step
+            if evaluated or p.step % spec.log_every == 0 or p.step == target:
+                meter.log(p, lr, evaluated)
+            if p.step % spec.checkpoint_every == 0 or p.step == target:
                 checkpoint()
-                checkpoint_step = step
-            bar.update(task, completed=step, info=f"loss {last_loss:.3f} lr {lr:.2e}")
+                checkpoint_step = p.step
+            bar.update(task, completed=p.step, info=f"loss {p.last_loss:.3f} lr {lr:.2e}")
 
-    if valid_batches and valid_step != step:  # resumed exactly at the target: still report a valid loss
-        valid_loss, valid_step = evaluate(), step
-    if checkpoint_step != step:  # nothing trained (e.g. stop_at_step=0 or resumed at the target)
+    if valid_batches and p.valid_step != p.step:  # resumed exactly at the target: still report a valid loss
+        p.valid_loss, p.valid_step = evaluate(), p.step
+    if checkpoint_step != p.step:  # nothing trained (e.g. stop_at_step=0 or resumed at the target)
         checkpoint()
     result = {
-        "steps": step,
-        "start_step": start_step,
-        "tokens": tokens,
-        "flops": flops,
-        "final_loss": last_loss,
-        "final_valid_loss": valid_loss,
-        "seconds": round(seconds + (time.perf_counter() - t_start), 3),
+        "steps": p.step,
+        "start_step": p.start_step,
+        "tokens": p.tokens,
+        "flops": p.flops,
+        "final_loss": p.last_loss,
+        "final_valid_loss": p.valid_loss,
+        "seconds": round(p.seconds + (time.perf_counter() - t_start), 3),
     }
-    status = "done" if step == spec.total_steps else "stopped"
-    storage.write_json(
-        info_path,
-        {"status": status, "step": step, "target_step": target, "spec": dataclasses.asdict(spec), "result": result},
-    )
+    if where.is_main:
+        storage.write_json(
+            out_dir / TRAIN_JSON_NAME,
+            {
+                "status": "done" if p.step == spec.total_steps else "stopped",
+                "step": p.step,
+                "target_step": target,
+                "spec": dataclasses.asdict(spec),
+                "weights_sha256": stored_sha256(out_dir / WEIGHTS_NAME),
+                "result": result,
+            },
+        )
+    distributed.barrier()  # no rank returns before rank 0's files are final
     return result

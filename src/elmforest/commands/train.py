@@ -9,6 +9,12 @@ import typer
 from elmforest.config import load_recipe
 from elmforest.errors import ElmError
 
+PROCS_HELP = (
+    "Train the model data-parallel on this many local processes (torch.distributed: gloo on CPU, "
+    "NCCL on GPU); the global batch and the results stay those of one process. Under torchrun, "
+    "leave it out: the ranks torchrun started are used."
+)
+
 
 def _parse_parents(text: str, experts_dir: Path) -> list[tuple[Path, float]]:
     parents = []
@@ -34,20 +40,27 @@ def seed(
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: the recipe's `out`)."),
     full: bool = typer.Option(False, "--full", help="Continue the same run to the whole budget (the dense baseline)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    procs: int = typer.Option(None, "--procs", help=PROCS_HELP + " Default: the recipe's launcher.procs_per_job."),
 ) -> None:
     """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
+    from elmforest import distributed
     from elmforest.check import check_recipe
-    from elmforest.phases import train_seed
+    from elmforest.phases import prepare_tokenizer, train_seed
     from elmforest.run_folder import claim_run_dir
 
     r = load_recipe(recipe, set_)
-    check_recipe(r, recipe)
     run_dir = out or Path(r.out)
-    claim_run_dir(r, run_dir)
-    result = train_seed(r, run_dir, full=full)
-    print(f"seed: {run_dir / 'seed'}" + (f"; dense: {run_dir / 'dense'}" if full else ""))
-    if result:
-        print(f"steps {result['steps']}, tokens {result['tokens']:,}, FLOPs {result['flops']:.3e}")
+    procs = procs or (1 if distributed.env_size() > 1 else r.launcher.procs_per_job)  # torchrun's ranks, else ours
+    if distributed.env_rank() == 0:  # under torchrun, rank 0 checks and claims
+        check_recipe(r, recipe)
+        claim_run_dir(r, run_dir)
+        if procs > 1:
+            prepare_tokenizer(r, run_dir)  # once, before the ranks start
+    result = distributed.run_procs(train_seed, r, run_dir, full=full, procs=procs)
+    if distributed.env_rank() == 0:
+        print(f"seed: {run_dir / 'seed'}" + (f"; dense: {run_dir / 'dense'}" if full else ""))
+        if result:
+            print(f"steps {result['steps']}, tokens {result['tokens']:,}, FLOPs {result['flops']:.3e}")
 
 
 def branch(
@@ -78,16 +91,19 @@ def branch(
 
 def train(
     expert: Path = typer.Argument(..., help="Expert folder made by `elmforest branch`."),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default: the recipe's optim.threads)."),
+    threads: int = typer.Option(None, "--threads", help="torch threads per process (default: the recipe's optim.threads)."),
+    procs: int = typer.Option(1, "--procs", help=PROCS_HELP),
 ) -> None:
     """Train one expert on its own domain to its token budget (resumes if interrupted) and write expert.json."""
+    from elmforest import distributed
     from elmforest.phases import train_expert
 
-    meta = train_expert(str(expert), threads=threads, progress=True)
-    print(
-        f"{meta['name']}: {meta['steps']} steps, {meta['tokens']:,} tokens, FLOPs {meta['flops']:.3e}, "
-        f"valid loss {meta['final_valid_loss']:.4f}"
-    )
+    meta = distributed.run_procs(train_expert, str(expert), threads, True, procs=procs, rank_threads=threads)
+    if distributed.env_rank() == 0:
+        print(
+            f"{meta['name']}: {meta['steps']} steps, {meta['tokens']:,} tokens, FLOPs {meta['flops']:.3e}, "
+            f"valid loss {meta['final_valid_loss']:.4f}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,69 @@
+"""Rank functions for the data-parallel tests (tests/test_distributed.py).
+
+Top-level functions of an importable module: `distributed.run_procs` pickles them by reference
+into spawned ranks. Each trains the tiny model of tests/_resume_child.py on its PatternSampler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _resume_child import ROWS, PatternSampler, tiny_model_spec, tiny_train_spec
+from elmforest import distributed
+from elmforest.training import read_metrics
+
+KILLED = ".killed-rank"
+
+
+def train_tiny(out: str, steps: int = 6, delay: float = 0.0, valid: int = 0, rows: int = ROWS, **spec: Any) -> dict:
+    """Train the tiny GPT-2 into `out` for `steps` steps (under whatever process group exists).
+    spec: TrainSpec overrides, plus train()'s stop_at_step."""
+    import torch
+
+    from elmforest.models import build_model
+    from elmforest.training import train
+
+    torch.set_num_threads(1)
+    stop = spec.pop("stop_at_step", None)
+    valid_batches = [PatternSampler(99).batch(i) for i in range(valid)]
+    model = build_model(tiny_model_spec(), seed=0)
+    return train(
+        model, PatternSampler(7, rows=rows, delay=delay), tiny_train_spec(total_steps=steps, **spec), out,
+        progress=False, valid_batches=valid_batches or None, stop_at_step=stop,
+    )
+
+
+def train_tiny_kill_rank1(out: str, steps: int, **spec: Any) -> dict:
+    """`train_tiny`, but on the first attempt rank 1 SIGKILLs itself once rank 0 has logged step
+    checkpoint_every + 1 (so the first checkpoint is on disk: rank 0 writes it before that step):
+    one rank of a data-parallel run dying mid-run. OUT/.killed-rank records the logged step."""
+    folder = Path(out)
+    if distributed.world().rank == 1 and not (folder / KILLED).exists():
+
+        def killer() -> None:
+            while True:
+                rows = read_metrics(folder / "metrics.jsonl")
+                if rows and rows[-1]["step"] > spec["checkpoint_every"]:
+                    (folder / KILLED).write_text(str(rows[-1]["step"]))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.005)
+
+        threading.Thread(target=killer, daemon=True).start()
+    return train_tiny(out, steps, delay=0.05, **spec)
+
+
+def raise_on_rank1(out: str) -> dict:
+    """Rank 1 raises before training; rank 0 enters the loop and would wait for it forever."""
+    if distributed.world().rank == 1:
+        raise RuntimeError("boom on rank 1")
+    return train_tiny(out, 4)
+
+
+def rank_and_size() -> tuple[int, int]:
+    w = distributed.world()
+    return w.rank, w.size
