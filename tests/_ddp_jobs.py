@@ -15,7 +15,7 @@ from typing import Any
 
 from _resume_child import ROWS, PatternSampler, tiny_model_spec, tiny_train_spec
 from elmforest import distributed
-from elmforest.training import read_metrics
+from elmforest.training_state import read_metrics
 
 KILLED = ".killed-rank"
 

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from cli_runner import run_cli
+from elmforest.budget import plan_budget
 from elmforest import phases
 from elmforest.anchored import (
     ANCHORED_DIR, ROUTER_INIT, TRAIN_DIR, anchor, anchored_job, branch_anchored, check_llama, domain_embeddings,
@@ -35,7 +36,8 @@ from elmforest.models import flops_per_token, load_model
 from elmforest.sampler import DomainSampler
 from elmforest.scoring import domain_windows
 from elmforest.tokens import token_array
-from elmforest.training import TrainSpec, lr_at, read_metrics, train
+from elmforest.training import TrainSpec, lr_at, train
+from elmforest.training_state import read_metrics
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 torch.set_num_threads(1)
@@ -95,7 +97,7 @@ def test_anchored_expert_trains_only_the_copy_and_its_router_row(run):
             assert not torch.allclose(rows[1], init["domain"][layer], atol=1e-5)  # the domain's row: trained
         meta = json.loads((folder / "anchored.json").read_text())
         assert meta["domain"] == d and meta["experts"] == ["seed", d] and meta["top_k"] == 2
-        budget = phases.plan_budget(recipe, 32)
+        budget = plan_budget(recipe, 32)
         assert meta["steps"] == budget.total_steps - budget.seed_steps
         assert meta["tokens"] == meta["steps"] * budget.expert_batch_tokens  # the BTM experts' budget
 
@@ -111,7 +113,7 @@ def test_anchored_expert_is_the_trained_mixture_and_follows_its_schedule(run):
     torch.testing.assert_close(_logits(exported, x), _logits(trained.eval(), x), atol=1e-5, rtol=0)
     # A fresh schedule: warm-up to where the seed's schedule stood, then linear decay to the
     # BTM experts' final learning rate; worked out here from the recipe.
-    budget = phases.plan_budget(recipe, 32)
+    budget = plan_budget(recipe, 32)
     o, T, S, W = recipe.optim, budget.total_steps, budget.seed_steps, budget.warmup_steps
     peak = o.lr * (1 - (1 - o.final_lr_fraction) * (S - W) / (T - W))
     steps, warm = T - S, min(W, T - S - 1)

@@ -30,7 +30,8 @@ from elmforest import distributed
 from elmforest.checkpoint import load_train_state
 from elmforest.errors import ElmError
 from elmforest.models import build_model
-from elmforest.training import read_metrics, train
+from elmforest.training import train
+from elmforest.training_state import read_metrics
 
 WEIGHT_ATOL = 2e-3
 SPEC = dict(steps=12, checkpoint_every=3, eval_every=4, valid=3)  # micro_batches 2 of 4 rows (tiny_train_spec)
@@ -171,7 +172,7 @@ def test_ddp_study_gives_the_perplexities_of_one_process(tmp_path):
 
 
 def test_ddp_study_refuses_a_process_count_that_cannot_split_its_micro_batches():
-    from elmforest.phases import Budget, check_data_parallel
+    from elmforest.budget import Budget, check_data_parallel
 
     # 3 domains x 3 windows = 9 rows per dense micro-batch, 3 per expert micro-batch.
     budget = Budget(context=32, n_experts=3, batch_tokens=288, total_steps=10, seed_steps=5, warmup_steps=1,

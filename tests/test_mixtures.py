@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from cli_runner import run_cli
+from elmforest.budget import plan_budget, train_spec
 from elmforest import phases
 from elmforest.checkpoint import load_train_state
 from elmforest.cli import main
@@ -30,7 +31,8 @@ from elmforest.mixtures import build_moe, demix_optimizer_state, mix_forest, tra
 from elmforest.models import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
 from elmforest.scoring import domain_windows
 from elmforest.tokenizer import tokenizer_hash, train_tokenizer
-from elmforest.training import lr_at, make_optimizer, read_metrics
+from elmforest.training import lr_at, make_optimizer
+from elmforest.training_state import read_metrics
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 torch.set_num_threads(1)
@@ -84,9 +86,9 @@ def test_demix_row_is_finite_and_compute_matched(llama_study):
 
 def test_demix_continues_the_seed_schedule_and_adam_state(llama_study):
     recipe, out, _ = llama_study
-    budget = phases.plan_budget(recipe, 32)
+    budget = plan_budget(recipe, 32)
     rows = read_metrics(out / "demix" / "metrics.jsonl")
-    spec = phases.train_spec(recipe, budget, budget.dense_micro_batches)
+    spec = train_spec(recipe, budget, budget.dense_micro_batches)
     # Logged steps run from just after the seed to the end, on the seed's schedule (update s uses lr_at(s - 1)).
     assert budget.seed_steps < rows[0]["step"] <= budget.seed_steps + recipe.optim.log_every
     assert rows[-1]["step"] == budget.total_steps
@@ -212,7 +214,7 @@ def test_demix_stop_and_continue_equals_a_straight_run(corpus, tmp_path):
     shutil.copytree(base, tmp_path / "straight")
     shutil.copytree(base, tmp_path / "split")
     straight = train_demix(recipe, tmp_path / "straight", progress=False)
-    budget = phases.plan_budget(recipe, 32)
+    budget = plan_budget(recipe, 32)
     k = budget.seed_steps + 5  # not a checkpoint_every multiple: the stop writes its own checkpoint
     first = train_demix(recipe, tmp_path / "split", progress=False, stop_at_step=k)
     assert first["steps"] == k and not (tmp_path / "split" / "demix" / "demix.json").exists()

@@ -20,7 +20,8 @@ from _resume_child import BLOCK, ROWS, PatternSampler, tiny_model_spec, tiny_tra
 from elmforest.checkpoint import load_train_state
 from elmforest.errors import ElmError
 from elmforest.models import build_model, flops_per_token, load_model, non_embedding_params
-from elmforest.training import TrainSpec, lr_at, read_metrics, train
+from elmforest.training import TrainSpec, lr_at, train
+from elmforest.training_state import read_metrics
 
 torch.set_num_threads(1)
 CHILD = Path(__file__).with_name("_resume_child.py")

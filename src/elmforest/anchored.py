@@ -20,7 +20,7 @@ domain-balanced data, FlexOlmo's "public" embedding). FlexOlmo embeds documents 
 encoder (GritLM, as wide as its model); the seed's hidden states need no second model and live in
 the space the router reads.
 
-Budget: the BTM experts' (`phases.plan_budget`): total_steps - seed_steps steps of B/n tokens, the
+Budget: the BTM experts' (`budget.plan_budget`): total_steps - seed_steps steps of B/n tokens, the
 very batches of the domain's BTM expert (same sampler seed). Optimiser: a fresh AdamW over the
 trainable tensors (FlexOlmo also starts its experts' optimiser fresh). Schedule, FlexOlmo's shape: a
 new warm-up (the recipe's warm-up steps) to the learning rate at which the seed's schedule stood,
@@ -54,6 +54,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import MixtralForCausalLM, PreTrainedModel
 
+from elmforest.budget import plan_budget, resolve_device
 from elmforest import __version__, btx, phases, remote, storage
 from elmforest.checkpoint import save_weights, write_safetensors
 from elmforest.config import Recipe
@@ -219,7 +220,7 @@ def anchored_job(recipe: Recipe, run_dir: Path, domain: str, embed_windows: int)
     """job.json of the domain's anchored expert: the BTM expert's job (data, batch, sampler seed,
     validation) with the anchored schedule and a fresh optimiser."""
     job = phases.expert_job(recipe, run_dir, domain, {"kind": "domain", "domain": domain})
-    budget = phases.plan_budget(recipe, job["context"])
+    budget = plan_budget(recipe, job["context"])
     job["spec"] = anchored_schedule(job["spec"], budget.seed_steps)
     job.update(start_step=0, init_state=None, kind="anchored", embed_windows=embed_windows)
     return job
@@ -346,7 +347,7 @@ def train_anchored_experts(
         tok = run_dir / "tokenizer"
         context = phases.model_context(recipe, tok)
         corpus = Corpus(recipe.corpus)
-        device = phases.resolve_device(recipe.optim.device)
+        device = resolve_device(recipe.optim.device)
         log(f"anchored experts: router rows from {embed_windows} windows of each train domain")
         windows = embedding_windows(corpus, tok, domains, context, embed_windows, EMBED_SEED + recipe.optim.seed)
         seed_rows, rows = domain_embeddings(seed.to(device), windows, recipe.eval.batch_size)

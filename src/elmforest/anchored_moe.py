@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, MixtralForCausalLM
 
+from elmforest.budget import resolve_device
 from elmforest import __version__, btx, phases, storage
 from elmforest.anchored import ANCHORED_DIR, ROUTER_INIT, check_llama, read_anchored
 from elmforest.checkpoint import WEIGHTS_NAME, save_weights, verify_weights, write_safetensors
@@ -244,7 +245,7 @@ def opt_out_study(
     context = phases.model_context(recipe, tok)
     kept = [d for d in meta["domains"] if d != domain and d in corpus.domains]
     novel = [d for d in recipe.novel_domains if d not in meta["domains"]]
-    device = phases.resolve_device(recipe.optim.device)
+    device = resolve_device(recipe.optim.device)
     models = {"before": load_model(moe_dir).to(device), "after": load_model(after_dir).to(device)}
     table: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     for d in [domain, *kept, *novel]:
@@ -301,7 +302,7 @@ def tune_router(
     per_step = blocks_per_domain * len(domains) * context
     steps = math.ceil(tokens / per_step)
     sampler = BalancedSampler({d: token_array(corpus, tok, d, "train") for d in domains}, context, blocks_per_domain, seed=recipe.optim.seed)
-    device = phases.resolve_device(recipe.optim.device)
+    device = resolve_device(recipe.optim.device)
     spec = btx.router_spec(steps, recipe.optim.lr, device=device, threads=recipe.optim.threads)
     log(f"anchored mixture: tuning the router rows for {steps} steps of {per_step} tokens")
     moe = load_model(moe_dir)

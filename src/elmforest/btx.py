@@ -38,7 +38,8 @@ from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 from elmforest import storage
 from elmforest.errors import ElmError, require
 from elmforest.models import non_embedding_params
-from elmforest.training import TrainSpec, read_metrics, train
+from elmforest.training import TrainSpec, train
+from elmforest.training_state import read_metrics
 
 # Llama config fields the experts must share (same architecture) and that carry into Mixtral.
 _SHARED_FIELDS = (

@@ -280,14 +280,14 @@ def check_recipe(recipe: Any, source: str | Path = "recipe") -> None:
 
     The corpus opens and has every domain; the splits a run reads are non-empty in the manifest;
     `tokenizer.path` and `model.path` folders load; the model size resolves; the budget divides
-    into whole steps, domains and windows (`phases.plan_budget`). Splits too short for the context
+    into whole steps, domains and windows (`budget.plan_budget`). Splits too short for the context
     are caught when they are tokenised (`tokens.token_array` callers), since only then are their
     token counts known.
     """
     from elmforest.corpus import Corpus
     from elmforest.forest import read_json
     from elmforest.models import resolve_spec
-    from elmforest.phases import plan_budget
+    from elmforest.budget import plan_budget
     from elmforest.tokenizer import load_tokenizer
 
     corpus = Corpus(recipe.corpus)

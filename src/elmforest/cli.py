@@ -30,6 +30,8 @@ COMMAND_MODULES = [
     "train",
     "forest",
     "combine",
+    "average",
+    "generate",
     "study",
     "grow",
     "mix",

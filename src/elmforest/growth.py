@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from elmforest.budget import plan_budget
 from elmforest import phases, storage
 from elmforest.config import Recipe, recipe_from_dict
 from elmforest.corpus import Corpus
@@ -65,7 +66,7 @@ def expert_recipe(recipe: Recipe) -> Recipe:
 def fresh_steps(recipe: Recipe, run_dir: Path) -> int:
     """Steps of a grown expert: those of a round-1 expert (total_steps - seed_steps)."""
     tok = Path(run_dir) / "tokenizer"
-    budget = phases.plan_budget(recipe, phases.model_context(recipe, tok))
+    budget = plan_budget(recipe, phases.model_context(recipe, tok))
     return budget.total_steps - budget.seed_steps
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from elmforest.budget import plan_budget, resolve_device, train_spec
 from elmforest import __version__, btx, demix, distributed, phases, storage
 from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
@@ -165,8 +166,8 @@ def train_demix(
     corpus = Corpus(recipe.corpus)
     domains = list(recipe.train_domains)
     context = phases.model_context(recipe, tok)
-    budget = phases.plan_budget(recipe, context)
-    spec = phases.train_spec(recipe, budget, budget.dense_micro_batches)
+    budget = plan_budget(recipe, context)
+    spec = train_spec(recipe, budget, budget.dense_micro_batches)
     train_arrays = phases.domain_arrays(corpus, tok, domains, "train")
     sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
     valid = _routed_valid_batches(
@@ -433,6 +434,6 @@ def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print)
         lr=recipe.optim.lr,
         batch_tokens=recipe.budget.batch_tokens,
         seed=recipe.optim.seed,
-        device=phases.resolve_device(recipe.optim.device),
+        device=resolve_device(recipe.optim.device),
         log=log,
     )

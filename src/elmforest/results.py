@@ -108,7 +108,7 @@ class StudyModels:
     """Every trained arm of one study run, loaded once (on the CPU) for scoring all domains."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, tokenizer_dir: Path, context: int, log: Callable[[str], None]):
-        from elmforest.phases import resolve_device
+        from elmforest.budget import resolve_device
 
         self.recipe, self.run_dir, self.tok, self.context, self.log = recipe, Path(run_dir), tokenizer_dir, context, log
         self.corpus = Corpus(recipe.corpus)

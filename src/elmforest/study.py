@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from elmforest.budget import Budget, check_data_parallel, plan_budget
 from elmforest import distributed, mixtures, phases, storage
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
@@ -145,7 +146,7 @@ def _write_results(
     recipe: Recipe,
     runs: dict[int, Path],
     scores: dict[int, dict[str, Any]],
-    budget: phases.Budget,
+    budget: Budget,
     timing: dict[str, float],
     out: Path,
     log: Callable[[str], None] | None,
@@ -163,7 +164,7 @@ def _write_results(
 
 def _train_and_score(
     recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]
-) -> tuple[dict[str, Any], phases.Budget, dict[str, float]]:
+) -> tuple[dict[str, Any], Budget, dict[str, float]]:
     """Stages 1-8 of one training seed's run in `out` -> (per-domain evaluations, budget, timing)."""
     timing: dict[str, float] = {}
     previous = read_json(out / "timing.json", "timing.json") if (out / "timing.json").is_file() else {}
@@ -186,13 +187,13 @@ def _train_and_score(
 
     stage("token_caches", caches)
     context = phases.model_context(recipe, tok)
-    budget = phases.plan_budget(recipe, context)
+    budget = plan_budget(recipe, context)
     log(
         f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
         f"{budget.n_experts} experts at {budget.expert_batch_tokens} tokens/step"
     )
     procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
-    phases.check_data_parallel(budget, procs)
+    check_data_parallel(budget, procs)
     log("[2/9] seed (dense, domain-balanced)")
     stage("seed", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=False, progress=progress, procs=procs))
     if recipe.arms.dense:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from elmforest.budget import Budget
 from elmforest import mixtures, phases
 from elmforest.bootstrap import Bootstrap, DomainDocs, compare, compute_to_match
 from elmforest.config import Recipe
@@ -25,7 +26,7 @@ from elmforest.errors import ElmError
 from elmforest.forest import Forest, read_json
 from elmforest.methods import Sizes, dense_multiple_name, study_methods
 from elmforest.results import forest_folders
-from elmforest.training import read_metrics
+from elmforest.training_state import read_metrics
 
 # (a, b, claim): "a beats b", read on train and novel domains when both methods ran.
 CLAIMS: list[tuple[str, str, str]] = [
@@ -152,7 +153,7 @@ def assemble_results(
     recipe: Recipe,
     runs: dict[int, Path],
     scores: dict[int, dict[str, dict[str, Any]]],
-    budget: phases.Budget,
+    budget: Budget,
     timing: dict[str, float],
 ) -> dict[str, Any]:
     """results.json of a study over the training seeds `runs` ({seed: run folder}), from their evaluations."""

@@ -39,7 +39,6 @@ bit-identical.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -49,30 +48,22 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 
 from elmforest import distributed, hardware, storage
-from elmforest.checkpoint import (
-    TRAIN_STATE_NAME,
-    WEIGHTS_NAME,
-    load_train_state,
-    load_weights_into,
-    rng_state,
-    save_train_state,
-    save_weights,
-    set_rng_state,
-    stored_sha256,
-    verify_weights,
-    weights_sha256,
-    weights_state_dict,
-)
+from elmforest.checkpoint import WEIGHTS_NAME, stored_sha256
 from elmforest.distributed import World
 from elmforest.errors import ElmError
 from elmforest.models import flops_per_token
+from elmforest.training_state import (
+    METRICS_NAME,
+    TRAIN_JSON_NAME,
+    Meter,
+    finished_result,
+    resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 
-METRICS_NAME = "metrics.jsonl"
-TRAIN_JSON_NAME = "train.json"
-TRAIN_STATE_FORMAT = "elmforest-train-state/1"
 
 
 @dataclasses.dataclass
@@ -238,183 +229,6 @@ def _valid_loss(model: torch.nn.Module, batches: Sequence[Any], bf16: bool, rout
     return float(sums[0]) / max(1.0, float(sums[1]))
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a metrics.jsonl that parse (a torn last line from a kill is skipped)."""
-    path = Path(path)
-    rows: list[dict[str, Any]] = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-    return rows
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines up to `step` (a resumed run re-logs the steps after its checkpoint)."""
-    if not path.exists():
-        return
-    rows = [r for r in read_metrics(path) if r["step"] <= step]
-    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_train_json(path: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-# --- the bookkeeping around the loop: progress, resume, checkpoints, metrics ----------------------
-
-
-@dataclasses.dataclass
-class _Progress:
-    """The counters a checkpoint carries and a resumed run continues from."""
-
-    step: int
-    start_step: int
-    tokens: int = 0
-    flops: int = 0
-    seconds: float = 0.0  # training time before this call (earlier calls on the same folder)
-    last_loss: float | None = None
-    valid_loss: float | None = None
-    valid_step: int | None = None
-
-
-def _finished(out_dir: Path, target: int, model: torch.nn.Module) -> dict[str, Any] | None:
-    """A run already finished at `target`: load its weights into `model` and return its stored
-    result; else None. The weights must be the ones train.json recorded (a copy assembled from
-    an interrupted upload can pair a final train.json with older weights)."""
-    info = _read_train_json(out_dir / TRAIN_JSON_NAME)
-    if not (info and info.get("status") in ("done", "stopped") and info.get("step") == target):
-        return None
-    weights = out_dir / WEIGHTS_NAME
-    recorded = info.get("weights_sha256")
-    if not (out_dir / TRAIN_STATE_NAME).is_file() or (recorded and stored_sha256(weights) != recorded):
-        return None
-    verify_weights(weights)
-    load_weights_into(model, load_file(weights), weights)
-    return info["result"]
-
-
-def _resume(
-    out_dir: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sampler: Sampler,
-    spec: TrainSpec,
-    init_optimizer_state: dict[str, Any] | None,
-    where: World,
-) -> tuple[_Progress, bool]:
-    """Where to start: the checkpoint in out_dir, the seed's optimizer state, or scratch.
-
-    Returns (progress, whether model.safetensors already holds the checkpoint's weights)."""
-    state_path = out_dir / TRAIN_STATE_NAME
-    if not state_path.is_file():
-        torch.manual_seed(spec.seed)
-        step = 0
-        if init_optimizer_state is not None:
-            try:
-                optimizer.load_state_dict(init_optimizer_state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise ElmError(f"initial optimizer state does not match the model ({e})") from None
-            step = int(init_optimizer_state["step"])
-        return _Progress(step=step, start_step=step), False
-    state = load_train_state(state_path)
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise ElmError(f"train state format {state.get('format')!r} is not {TRAIN_STATE_FORMAT!r}", state_path)
-    ranks = int(state.get("world_size", 1))
-    if ranks != where.size:
-        raise ElmError(
-            f"this checkpoint was written by {ranks} processes and resumes only under {ranks} "
-            f"(--procs {ranks} or launcher.procs_per_job: {ranks}), not {where.size}",
-            state_path,
-        )
-    load_weights_into(model, state["model"], state_path)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise ElmError(f"optimizer state does not match the model ({e})", state_path) from None
-    sampler.load_state_dict(state["sampler"])
-    set_rng_state(state.get("rng_ranks", [state["rng"]])[where.rank])
-    progress = _Progress(**{f.name: state[f.name] for f in dataclasses.fields(_Progress)})
-    if where.is_main:
-        print(f"continuing {out_dir} from the checkpoint at step {progress.step}", flush=True)
-    return progress, stored_sha256(out_dir / WEIGHTS_NAME) == weights_sha256(state["model"])
-
-
-def _save_checkpoint(
-    out_dir: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sampler: Sampler,
-    progress: _Progress,
-    seconds: float,
-    where: World,
-) -> None:
-    """Every rank sends its RNG state to rank 0, which writes train_state.pt, then model.safetensors.
-
-    train_state.pt carries the weights too, so it alone is a consistent resume point even if a
-    kill lands between it and model.safetensors (the Hugging Face copy, written second). The
-    model, optimizer and sampler are identical on every rank; the RNG states need not be."""
-    rngs = distributed.gather_objects(rng_state())  # a collective: every rank calls it
-    if not where.is_main:
-        return
-    fields = dataclasses.asdict(progress)
-    save_train_state(
-        out_dir / TRAIN_STATE_NAME,
-        {
-            "format": TRAIN_STATE_FORMAT,
-            **fields,
-            "seconds": seconds,
-            "world_size": where.size,
-            "model": weights_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": rngs[0],
-            "rng_ranks": rngs,
-        },
-    )
-    save_weights(model, out_dir)
-
-
-class _Meter:
-    """Rank 0's lines of metrics.jsonl: throughput and MFU over the steps since the previous line."""
-
-    def __init__(self, path: Path, progress: _Progress, device: torch.device, bf16: bool, where: World):
-        self.path, self.where = path, where
-        # The device's peak, timed once per process on a CPU; all G ranks' devices count.
-        peak = hardware.peak_flops(device, torch.bfloat16 if bf16 else torch.float32) if where.is_main else 0.0
-        self.peak = peak * where.size
-        self.mark(progress)
-
-    def mark(self, progress: _Progress) -> None:
-        self.t, self.tokens, self.flops = time.perf_counter(), progress.tokens, progress.flops
-
-    def log(self, progress: _Progress, lr: float, evaluated: bool) -> None:
-        if not self.where.is_main:
-            return
-        seconds = max(time.perf_counter() - self.t, 1e-9)
-        row = {
-            "step": progress.step,
-            "tokens": progress.tokens,
-            "loss": round(progress.last_loss, 6),
-            "lr": lr,
-            "tokens_per_s": round((progress.tokens - self.tokens) / seconds, 1),
-            "flops": progress.flops,
-            "mfu": round((progress.flops - self.flops) / seconds / self.peak, 6),
-        }
-        if evaluated:
-            row["valid_loss"] = round(progress.valid_loss, 6)
-        storage.append_line(self.path, json.dumps(row))
-        self.mark(progress)
-
-
 def _prefer_sdpa(model: torch.nn.Module) -> None:
     """PyTorch's scaled-dot-product attention (flash / memory-efficient kernels on GPU).
     transformers 5 already picks it for GPT-2 and Llama; a model set to "eager" is switched."""
@@ -462,7 +276,7 @@ def train(
     if not 0 <= target <= spec.total_steps:
         raise ElmError(f"stop_at_step={stop_at_step} must lie in [0, total_steps={spec.total_steps}]")
     where = distributed.world()  # rank r of G (0 of 1 outside a process group)
-    done = _finished(out_dir, target, model)
+    done = finished_result(out_dir, target, model)
     if done is not None:
         return done
 
@@ -473,7 +287,7 @@ def train(
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, spec, fused=device.type == "cuda")
-    p, weights_saved = _resume(out_dir, model, optimizer, sampler, spec, init_optimizer_state, where)
+    p, weights_saved = resume(out_dir, model, optimizer, sampler, spec, init_optimizer_state, where)
     _apply_spec_to_optimizer(optimizer, spec, fused=device.type == "cuda")
     if p.step > target:
         raise ElmError(f"checkpoint is at step {p.step}, past the requested stop step {target}", out_dir)
@@ -482,7 +296,7 @@ def train(
     if where.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         storage.clean_stale_temporaries(out_dir)
-        _truncate_metrics(out_dir / METRICS_NAME, p.step)  # the steps after the checkpoint are re-run and re-logged
+        truncate_metrics(out_dir / METRICS_NAME, p.step)  # the steps after the checkpoint are re-run and re-logged
         storage.write_json(
             out_dir / TRAIN_JSON_NAME,
             {"status": "running", "step": p.step, "target_step": target, "spec": dataclasses.asdict(spec)},
@@ -492,9 +306,9 @@ def train(
         return _valid_loss(model, valid_batches or [], spec.bf16, route, where)
 
     def checkpoint() -> None:
-        _save_checkpoint(out_dir, model, optimizer, sampler, p, p.seconds + time.perf_counter() - t_start, where)
+        save_checkpoint(out_dir, model, optimizer, sampler, p, p.seconds + time.perf_counter() - t_start, where)
 
-    meter = _Meter(out_dir / METRICS_NAME, p, device, spec.bf16, where)
+    meter = Meter(out_dir / METRICS_NAME, p, device, spec.bf16, where)
     ddp = distributed.data_parallel(model, device, where, find_unused=route is not None)  # None in a single process
     forward = ddp or model
     if spec.compile:

@@ -1,10 +1,9 @@
-"""`elmforest ensemble`, `average`, `eval` and `generate`: use a forest's experts together.
+"""`elmforest ensemble` and `eval`: use a forest's experts together; and the options and helpers
+the forest commands share (`commands.average`, `commands.generate` take them from here).
 
     ensemble FOREST --domain D   cached prior on D's valid split, then test perplexity of the
-                                 domain-posterior ensemble (optionally top-k)
-    average  FOREST --method M   parameter-average the experts into one model folder
+                                 domain-posterior ensemble (optionally top-k, tuned mixing)
     eval     TARGET              per-domain perplexity of a forest (ensemble) or a model folder
-    generate TARGET --prompt P   sample a continuation from a forest or a model folder
 
 The shared pieces (consistency checks, windows, priors, ensemble scoring) live in
 `elmforest.scoring`, so the study runner computes the same numbers.
@@ -12,8 +11,6 @@ The shared pieces (consistency checks, windows, priors, ensemble scoring) live i
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +92,7 @@ JSON_OPT = typer.Option(None, "--json", help="Also write the results to this JSO
 
 
 def _device(name: str) -> str:
-    from elmforest.phases import resolve_device
+    from elmforest.budget import resolve_device
 
     return resolve_device(name)
 
@@ -281,107 +278,6 @@ def _mixing_text(mixing: Mixing) -> str:
             f"seed {'joins' if mixing.with_seed else 'out'}")
 
 
-# --- average -------------------------------------------------------------------------------
-
-
-def average(
-    forest_path: Path = typer.Argument(..., metavar="FOREST", help="Forest folder (with forest.json)."),
-    method: str = typer.Option(
-        ..., "--method",
-        help="uniform | argmax (expert with the largest cached prior) | posterior (cached-prior-weighted) | "
-        "weighted (--weights) | task_arithmetic | ties (both relative to the seed).",
-    ),
-    out: Path = typer.Option(..., "--out", help="New model folder to write (must not exist)."),
-    domain: str | None = typer.Option(
-        None, "--domain", help="Domain whose cached prior gives the weights (argmax, posterior)."
-    ),
-    corpus: str | None = CORPUS_OPT,
-    weights: str | None = typer.Option(
-        None, "--weights", help="Explicit weights for --method weighted, e.g. a=0.7,b=0.3 (unnamed experts get 0)."
-    ),
-    normalise: bool = typer.Option(
-        False, "--normalise", help="Divide weights by their sum instead of refusing a sum other than 1."
-    ),
-    seed_dir: Path | None = typer.Option(
-        None, "--seed-dir", help="Seed model folder for task_arithmetic / ties (default: the experts' seed_checkpoint)."
-    ),
-    scale: float | None = typer.Option(
-        None, "--scale", help="task_arithmetic / ties: task-vector scale (default 1/n and 1)."
-    ),
-    density: float = typer.Option(0.2, "--density", help="ties: fraction of each task vector kept, by magnitude."),
-    posterior: str = POSTERIOR_OPT,
-    prior_sequences: int = PRIOR_SEQUENCES_OPT,
-    prior_batch: int = PRIOR_BATCH_OPT,
-    alpha: float = ALPHA_OPT,
-    window_seed: int = WINDOW_SEED_OPT,
-    load: Path | None = LOAD_PRIOR_OPT,
-    device: str = DEVICE_OPT,
-) -> None:
-    """Average a forest's experts' parameters into one Hugging Face model folder.
-
-    merged = sum_i w_i expert_i tensor by tensor (or a seed-relative merge); the folder holds weights, config, tokenizer files and average.json, and loads with from_pretrained.
-    """
-    from elmforest.averaging import AVERAGING_METHODS, AverageOptions, average_folders, resolve_weights
-    from elmforest.models import copy_tokenizer_files
-
-    require(method in AVERAGING_METHODS, f"--method {method!r}: choose one of {', '.join(AVERAGING_METHODS)}")
-    require(not out.exists(), "output folder already exists; choose a new --out", out)
-    forest = Forest(forest_path)
-    metas = check_forest_consistency(forest)
-    names = forest.names
-    record = None
-    vector = None
-    if method in ("argmax", "posterior"):
-        require(weights is None, f"--weights is for --method weighted; {method} uses the cached prior")
-        if load is None:
-            require(
-                domain is not None,
-                f"--method {method} needs --domain (whose cached prior gives the weights) or --load-prior",
-            )
-            corp = resolve_corpus(corpus, metas.values(), forest_path / "forest.json")
-            pool = ExpertPool(forest, _device(device))
-            record = forest_prior(pool, corp, domain, forest_context(forest), prior_sequences, prior_batch, alpha,
-                                  posterior, window_seed)
-        else:
-            record = load_prior(load, names)
-            require(not record.mix.with_seed, "the prior file mixes in the seed; averaging needs a prior over experts only", load)
-        vector = record.vector(names).tolist()
-    elif weights is not None:
-        vector = resolve_weights(parse_weights(weights), names).tolist()  # refuses unknown names
-
-    if method in ("task_arithmetic", "ties") and seed_dir is None:
-        recorded = next((m.get("seed_checkpoint") for m in metas.values() if m.get("seed_checkpoint")), None)
-        require(
-            recorded is not None and Path(recorded).is_dir(),
-            f"--method {method} needs --seed-dir (the experts' seed_checkpoint {recorded!r} is not a folder)",
-        )
-        seed_dir = Path(recorded)
-
-    options = AverageOptions(normalise=normalise, scale=scale, density=density)
-    with storage.atomic_dir(out) as staging:
-        built = average_folders([forest.expert_dir(n) for n in names], vector, method, staging / "merged", seed_dir, options)
-        copy_tokenizer_files(forest.tokenizer_dir, built, overwrite=False)  # experts usually carry them; the forest always does
-        info = json.loads((built / "average.json").read_text(encoding="utf-8"))
-        info.update(forest=str(forest_path), expert_names=names, prior=record.to_json() if record else None)
-        storage.write_json(built / "average.json", info)
-        for f in built.iterdir():
-            os.replace(f, staging / f.name)
-        built.rmdir()
-
-    console = stdout_console()
-    if record is not None:
-        console.print(prior_table(record, forest))
-    table = Table(title=f"{method} average -> {out}")
-    table.add_column("expert")
-    table.add_column("weight", justify="right")
-    for name, w in zip(names, info["weights"] or [None] * len(names)):
-        table.add_row(name, "-" if w is None else f"{w:.4f}")
-    console.print(table)
-    if info["weights"] is None:
-        console.print(f"seed {info['seed']}, scale {info['scale']}, density {info['density']}")
-    console.print(f"wrote {out}")
-
-
 # --- eval ----------------------------------------------------------------------------------
 
 
@@ -476,90 +372,7 @@ def evaluate(
         console.print(f"wrote {json_out}")
 
 
-# --- generate ------------------------------------------------------------------------------
-
-
-def generate_text(
-    target: Path = typer.Argument(
-        ..., metavar="TARGET", help="A forest folder (ensemble generation) or a model folder."
-    ),
-    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(
-        50, "--max-new-tokens", min=0, help="Most tokens to add (stops early at end-of-text)."
-    ),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
-    top_p: float = typer.Option(
-        1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens holding this much mass."
-    ),
-    greedy: bool = typer.Option(
-        False, "--greedy", help="Always take the most likely token (ignores temperature / top-p)."
-    ),
-    posterior: str = POSTERIOR_OPT,
-    prior_file: Path | None = typer.Option(
-        None, "--prior-file", help="A prior saved with `ensemble --save-prior` (default: uniform); brings its mixing settings."
-    ),
-    mix: str = MIX_OPT,
-    domain: str | None = typer.Option(None, "--domain", help="With --mix auto: the domain whose valid windows tune the mixing."),
-    corpus: str | None = CORPUS_OPT,
-    mix_temperature: float = typer.Option(
-        1.0, "--mix-temperature", help="Posterior temperature (--temperature is the sampling temperature here)."
-    ),
-    floor: float = FLOOR_OPT,
-    decay: float | None = DECAY_OPT,
-    with_seed: bool = WITH_SEED_OPT,
-    seed_dir: Path | None = SEED_MEMBER_DIR_OPT,
-    no_cache: bool = typer.Option(
-        False, "--no-cache", help="Recompute every expert over the whole text at each step (slow; no KV cache)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampler."),
-    device: str = DEVICE_OPT,
-) -> None:
-    """Continue a prompt with a forest's ensemble (posterior following the text) or one model."""
-    from elmforest.generate import generate
-    from elmforest.models import load_model
-    from elmforest.tokenizer import load_tokenizer
-
-    posterior, mixing = resolve_mixing(posterior, mix_temperature, floor, decay, with_seed)
-    forest = open_target(target)
-    dev = _device(device)
-    prior = None
-    if forest is not None:
-        metas = check_forest_consistency(forest)
-        members = _members(ExpertPool(forest, dev), metas, seed_dir)
-        record = None
-        if mix == "auto":
-            require(domain is not None, "--mix auto needs --domain (whose valid windows tune the mixing)")
-            require(prior_file is None, "--mix auto estimates its own prior; drop --prior-file")
-            corp = resolve_corpus(corpus, metas.values(), forest.path / "forest.json")
-            record = tuned_prior(members, corp, domain, forest_context(forest))
-        elif prior_file is not None:
-            record = load_prior(prior_file, forest.names)
-        else:
-            require(mix == "none", f"--mix {mix!r}: choose none or auto")
-        posterior, mixing = _used_mixing(record, posterior, mixing)
-        names = members.names(mixing.with_seed)
-        weights = record.vector(names) if record is not None else None
-        used = names if weights is None else [n for n, w in zip(names, weights.tolist()) if w > 0]
-        models = members.models(used)  # experts with zero prior never load
-        prior = None if weights is None else weights[weights > 0]
-        tokenizer = load_tokenizer(forest.tokenizer_dir)
-    else:
-        require(prior_file is None, "--prior-file is for forests, not a single model", target)
-        require(mix == "none" and mixing == Mixing(), "--mix and the mixing flags are for forests, not a single model", target)
-        models = [load_model(target).to(dev).eval()]
-        tokenizer = load_tokenizer(target)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-    new = generate(
-        models, tokenizer, ids, max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-        prior=prior, posterior=posterior, use_cache=not no_cache, seed=seed, mixing=mixing,
-    )
-    # decode prompt and continuation together: a character may straddle their byte boundary
-    print(tokenizer.decode(list(ids) + new, skip_special_tokens=True))
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("ensemble")(ensemble)
-    app.command("average")(average)
     app.command("eval")(evaluate)
-    app.command("generate")(generate_text)

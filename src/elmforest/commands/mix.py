@@ -35,7 +35,7 @@ def mix(
 ) -> None:
     """Mix a forest's experts into one Mixtral MoE (BTX): each expert's MLP becomes one expert of every layer's MoE block, the other parameters are averaged, and new routers are fine-tuned. Writes a Hugging Face folder (AutoModelForCausalLM loads it) plus mix.json. GPT-2 experts cannot be mixed: train the forest with model.family: llama."""
     from elmforest.mixtures import mix_forest
-    from elmforest.phases import resolve_device
+    from elmforest.budget import resolve_device
 
     meta = mix_forest(
         forest, out, weights=weights, domain=domain, top_k=top_k, finetune_tokens=finetune_tokens,
