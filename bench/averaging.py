@@ -105,7 +105,7 @@ def load_tensors(folder: Path) -> dict:
     """Every tensor in a folder's *.safetensors files (mergekit may shard its output)."""
     from safetensors.torch import load_file
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict = {}
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out

@@ -126,7 +126,8 @@ def ensemble_rows(spec, device, ks, windows, batch, repeats) -> dict[int, list[f
 
     run(str(max(ks)))  # warm-up: kernels, allocator
     results = record.interleaved([str(k) for k in ks], repeats, run)
-    del scorers, models, base
+    scorers.clear()
+    del models, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {int(k): v for k, v in results.items()}

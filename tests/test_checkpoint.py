@@ -9,7 +9,6 @@ import json
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file

@@ -199,7 +199,8 @@ def test_rounds_resume_without_retraining(round1):
 
 
 def test_cluster_router_ensemble(corpus, tmp_path):
-    from elmforest.cluster import ClusterModel, ClusterRouter, cluster_corpus
+    from elmforest.cluster import ClusterModel, cluster_corpus
+    from elmforest.cluster_router import ClusterRouter
     from elmforest.corpus import Corpus
     from elmforest.compare import router_row, router_weights
     from elmforest.study import run_study
@@ -228,7 +229,7 @@ def test_cluster_router_ensemble(corpus, tmp_path):
     assert (tmp_path / "run" / "router.json").is_file()
     # the cache is keyed by the router's settings: top-1 routing is computed anew, not read back
     top1 = router_row(recipe, tmp_path / "run", clustered / "clusterer", log=lambda s: None, top_k=1)
-    from elmforest.cluster import DEFAULT_TEMPERATURE
+    from elmforest.cluster_router import DEFAULT_TEMPERATURE
 
     assert top1["top_k"] == 1 and top1["temperature"] == DEFAULT_TEMPERATURE
     assert top1["cbtm_ensemble_router"]["train"] != row["train"]

@@ -31,7 +31,6 @@ import scipy.sparse as sp
 
 from elmforest import storage
 from elmforest.balanced_kmeans import balanced_kmeans, cluster_capacity, over_capacity, squared_distances
-from elmforest.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter  # noqa: F401  (callers import them from here)
 from elmforest.corpus import SPLITS, Corpus, DomainSource, MANIFEST, write_corpus
 from elmforest.errors import ElmError, require
 from elmforest.tfidf import TfidfEncoder, fit_tfidf

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from elmforest import phases, storage
-from elmforest.cluster import DEFAULT_TEMPERATURE, ClusterModel, ClusterRouter
+from elmforest.cluster import ClusterModel
+from elmforest.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
 from elmforest.ensemble import mix_logprobs
