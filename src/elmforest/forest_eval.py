@@ -1,6 +1,7 @@
 """One forest measured the way the growth studies report it (`rounds`, `removal`, `compare`).
 
-On one domain's test windows [N, C+1] and its first `eval.prior_sequences` valid windows:
+On one domain's test windows [N, C+1] and its `eval.prior_sequences` valid windows (both drawn, seeded
+by `eval.window_seed`, from the whole split; `scoring.domain_windows`):
 
     ensemble_cached     the cached-prior ensemble: prior = EMA of mean posteriors on the valid
                         windows (alpha eval.prior_alpha, batches of eval.prior_batch), then

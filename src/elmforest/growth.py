@@ -2,7 +2,7 @@
 
 A new domain's expert starts from what the forest already knows about that domain:
 
-    prior   = cached_prior(forest experts, first eval.prior_sequences valid windows of NEW)
+    prior   = cached_prior(forest experts, eval.prior_sequences valid windows of NEW, drawn from its whole split)
     parents = the top-k experts by prior, weights renormalised:  w_j = prior_j / sum_{top-k} prior
     init    = sum_j w_j * theta_j       --init mixture  (the paper's "branch from a weighted average")
             = theta_seed                --init seed     (the round-1 seed, the equal-compute control)
