@@ -125,6 +125,31 @@ def test_btx_row_counts_its_extra_fine_tuning(llama_study):
     assert "BTX (`btx`) is not compute-matched" in (out / "report.md").read_text()
 
 
+def test_btx_arm_rebuilds_when_asked_to_fine_tune_every_parameter(llama_study, tmp_path):
+    """arms.btx_train_all: the finished router-only RUN/btx is rebuilt with every parameter trained;
+    the same settings again reuse it."""
+    from elmforest.mixtures import build_btx
+
+    recipe, out, _ = llama_study
+    run = tmp_path / "run"
+    shutil.copytree(out / "forest", run / "forest")
+    shutil.copytree(out / "btx", run / "btx")
+    before = load_file(str(run / "btx" / "model.safetensors"))
+    router_only = json.loads((run / "btx" / "mix.json").read_text())
+    assert build_btx(recipe, run, log=lambda s: None) == router_only  # same settings: reused
+    arms = recipe.arms.model_copy(update={"btx_train_all": True})
+    meta = build_btx(recipe.model_copy(update={"arms": arms}), run, log=lambda s: None)
+    assert meta["finetune"]["train_all"] is True and meta["finetune"]["tokens"] == router_only["finetune"]["tokens"]
+    # backward through every weight: more FLOPs than router-only for the same tokens (3 vs 2 passes)
+    assert meta["finetune"]["flops"] == pytest.approx(router_only["finetune"]["flops"] * 3 / 2)
+    after = load_file(str(run / "btx" / "model.safetensors"))
+    gates = [k for k in before if k.endswith("mlp.gate.weight")]
+    shared = [k for k in before if "mlp" not in k]
+    assert gates and shared
+    assert any(not torch.equal(before[k], after[k]) for k in shared)  # attention, embeddings, norms moved too
+    assert json.loads((run / "btx" / "mix.json").read_text()) == meta
+
+
 def test_mix_writes_a_mixtral_folder_that_scores_as_in_memory(llama_study, corpus, tmp_path, capsys):
     _, out, _ = llama_study
     target = tmp_path / "moe"

@@ -160,6 +160,9 @@ class ArmsConfig(_Strict):
     demix: bool = False
     btx: bool = False
     btx_tokens: int = Field(0, ge=0, description="Extra fine-tuning tokens for BTX (reported separately).")
+    btx_train_all: bool = Field(
+        False, description="BTX fine-tunes every parameter (the paper's MoE fine-tuning), not only the routers."
+    )
     anchored: bool = Field(
         False, description="FlexOlmo-style anchored experts merged into one opt-out mixture-of-experts (llama only)."
     )

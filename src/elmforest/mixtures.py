@@ -415,13 +415,21 @@ def btx_dir(run_dir: Path) -> Path:
 
 
 def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers
-    fine-tuned for `arms.btx_tokens` tokens at the recipe's batch and peak lr. Skipped when done;
-    an interrupted fine-tune continues from its last checkpoint."""
+    """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers (every
+    parameter with `arms.btx_train_all`) fine-tuned for `arms.btx_tokens` tokens at the recipe's
+    batch and peak lr. Skipped when done with the same settings (rebuilt when `btx_tokens` or
+    `btx_train_all` changed); an interrupted fine-tune continues from its last checkpoint."""
     run_dir = Path(run_dir)
     out = btx_dir(run_dir)
     if (out / MIX_JSON).is_file():
-        return read_json(out / MIX_JSON, MIX_JSON)
+        done = read_json(out / MIX_JSON, MIX_JSON)
+        tune, want = done.get("finetune", {}), recipe.arms.btx_tokens
+        tokens = tune.get("tokens", 0)  # rounded up to whole batches
+        same_tokens = tokens == want == 0 or (want > 0 and 0 <= tokens - want < tune.get("batch_tokens", 1))
+        if same_tokens and bool(tune.get("train_all")) == (recipe.arms.btx_train_all and want > 0):
+            return done
+        log(f"BTX: {out} was fine-tuned with other settings; rebuilding it")
+        shutil.rmtree(out)
     if out.exists() and not (out / MIX_REQUEST).is_file():
         shutil.rmtree(out)  # interrupted before its fine-tune began: nothing to continue
     forest = Forest(run_dir / "forest")
@@ -430,6 +438,7 @@ def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print)
         out,
         top_k=min(2, len(forest.names)),
         finetune_tokens=recipe.arms.btx_tokens,
+        train_all=recipe.arms.btx_train_all,
         corpus=recipe.corpus,
         lr=recipe.optim.lr,
         batch_tokens=recipe.budget.batch_tokens,
