@@ -173,7 +173,7 @@ register(StudyMethod(
     lambda ev: ev.demix_lp(), lambda s: s.demix, enabled=lambda r: r.arms.demix,
 ))
 register(StudyMethod(
-    "btx", "btx", "BTX: the forest's MLPs as one Mixtral mixture-of-experts, routers fine-tuned",
+    "btx", "btx", "BTX: the forest's MLPs as one Mixtral mixture-of-experts, its routers (or, with arms.btx_train_all, every parameter) fine-tuned",
     _single("btx"), lambda s: s.btx, enabled=lambda r: r.arms.btx,
 ))
 

@@ -9,7 +9,7 @@ Stages (each skipped when already complete, each resumable when interrupted):
     4. BTM forest                      RUN/experts/<domain> -> RUN/forest
     5. random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
     6. DEMix (arms.demix)              RUN/demix (see elmforest.mixtures)
-    7. BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers fine-tuned
+    7. BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers (or all) fine-tuned
     8. evaluation                      RUN/eval/<domain>.json
     9. report                          RUN/results.json, RUN/report.md, RUN/plots/
 
@@ -223,7 +223,7 @@ def _train_and_score(
         log("[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched")
         stage("demix", lambda: distributed.run_procs(mixtures.train_demix, recipe, out, progress=progress, procs=procs))
     if recipe.arms.btx:
-        log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, routers fine-tuned on {recipe.arms.btx_tokens:,} tokens")
+        log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, {'every parameter' if recipe.arms.btx_train_all else 'routers'} fine-tuned on {recipe.arms.btx_tokens:,} tokens")
         stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))
     if recipe.arms.anchored:
         log("[7/9] anchored experts (FlexOlmo): FFN copies beside the frozen seed, merged into one opt-out mixture")
