@@ -180,3 +180,19 @@ def test_ddp_study_refuses_a_process_count_that_cannot_split_its_micro_batches()
     check_data_parallel(budget, 3, "r.yaml")  # 9 and 3 both split in 3
     with pytest.raises(ElmError, match=r"r.yaml: launcher.procs_per_job=2 does not divide the 9 windows of a dense"):
         check_data_parallel(budget, 2, "r.yaml")
+
+
+def test_ddp_run_refuses_an_unsplittable_process_count_before_writing(tmp_path, capsys):
+    """`elmforest run` checks launcher.procs_per_job with the rest of the recipe: exit 2, one line
+    naming the recipe and the key, and no run folder written."""
+    from cli_runner import run_cli
+    from tinydata import make_corpus, tiny_recipe, write_recipe
+
+    corpus = make_corpus(tmp_path / "corpus")
+    # 256 tokens / context 32 = 8 windows per dense micro-batch, 4 per expert: 3 processes split neither.
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus, tmp_path / "run", **{"launcher.procs_per_job": 3}))
+    code, _, err = run_cli(["run", recipe], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "r.yaml" in err and "launcher.procs_per_job=3 does not divide the 8 windows of a dense" in err
+    assert not (tmp_path / "run").exists()

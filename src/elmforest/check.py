@@ -275,19 +275,21 @@ def check_path(path: str | Path) -> Report:
 # Recipes, before anything is written
 
 
-def check_recipe(recipe: Any, source: str | Path = "recipe") -> None:
+def check_recipe(recipe: Any, source: str | Path = "recipe", procs: int | None = None) -> None:
     """Everything about a recipe knowable before a run writes a file; raises the first ElmError.
 
     The corpus opens and has every domain; the splits a run reads are non-empty in the manifest;
     `tokenizer.path` and `model.path` folders load; the model size resolves; the budget divides
-    into whole steps, domains and windows (`budget.plan_budget`). Splits too short for the context
+    into whole steps, domains and windows (`budget.plan_budget`) and the data-parallel process count
+    (`procs`, default `launcher.procs_per_job`) divides every micro-batch's windows
+    (`budget.check_data_parallel`). Splits too short for the context
     are caught when they are tokenised (`tokens.token_array` callers), since only then are their
     token counts known.
     """
     from elmforest.corpus import Corpus
     from elmforest.forest import read_json
     from elmforest.models import resolve_spec
-    from elmforest.budget import plan_budget
+    from elmforest.budget import check_data_parallel, plan_budget
     from elmforest.tokenizer import load_tokenizer
 
     corpus = Corpus(recipe.corpus)
@@ -312,4 +314,4 @@ def check_recipe(recipe: Any, source: str | Path = "recipe") -> None:
     else:
         context = resolve_spec(recipe.model, vocab_size=recipe.tokenizer.vocab_size).context
     if not recipe.rounds:  # growth rounds plan their own budgets (elmforest.rounds)
-        plan_budget(recipe, context, str(source))
+        check_data_parallel(plan_budget(recipe, context, str(source)), procs or recipe.launcher.procs_per_job, str(source))

@@ -52,7 +52,7 @@ def seed(
     run_dir = out or Path(r.out)
     procs = procs or (1 if distributed.env_size() > 1 else r.launcher.procs_per_job)  # torchrun's ranks, else ours
     if distributed.env_rank() == 0:  # under torchrun, rank 0 checks and claims
-        check_recipe(r, recipe)
+        check_recipe(r, recipe, procs=1)  # the seed's own rows are checked when its ranks split a batch
         claim_run_dir(r, run_dir)
         if procs > 1:
             prepare_tokenizer(r, run_dir)  # once, before the ranks start
