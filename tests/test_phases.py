@@ -116,3 +116,25 @@ def test_merge_refuses_mismatched_tokenizer_or_architecture(run, tmp_path, capsy
         assert code == 2 and len(err) == 1 and "expert.json" in err[0]
         assert ("tokenizer" if field == "tokenizer_hash" else "architecture") in err[0]
         assert (forest / "forest.json").read_bytes() == before
+
+
+def test_training_valid_windows_come_from_the_whole_split():
+    """The loop's valid loss is measured on seeded windows from the whole valid split, like the
+    evaluation's, not on its first windows: with token i at position i, the windows' first tokens
+    are their starts."""
+    import numpy as np
+
+    from elmforest.phases import valid_batches
+
+    arrays = {"a": np.arange(4000, dtype=np.int64), "b": np.arange(4000, dtype=np.int64) + 10000}
+    batches = valid_batches(arrays, context=8, windows_per_domain=5, batch_size=4, window_seed=0)
+    rows = torch.cat(batches)
+    assert rows.shape == (10, 9)
+    assert torch.equal(rows[:, 1:] - rows[:, :-1], torch.ones(10, 8, dtype=rows.dtype))  # contiguous windows
+    starts_a, starts_b = rows[:5, 0], rows[5:, 0] - 10000
+    assert torch.all(starts_a % 8 == 0) and len(set(starts_a.tolist())) == 5  # on the window grid, distinct
+    assert starts_a.max() > 5 * 8  # not the first five windows
+    again = torch.cat(valid_batches(arrays, 8, 5, 4, window_seed=0))
+    other = torch.cat(valid_batches(arrays, 8, 5, 4, window_seed=1))
+    assert torch.equal(again, rows) and not torch.equal(other, rows)
+    assert torch.equal(starts_b, starts_a)  # one draw per domain from the same seed: equal-length splits match

@@ -263,7 +263,8 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
         token_array(corpus, tok, domain, "train"), job["context"], job["batch_blocks"], job["sampler_seed"], name=domain
     )
     valid = phases.valid_batches(
-        phases.domain_arrays(corpus, tok, [domain], "valid"), job["context"], job["valid_windows"], job["eval_batch_size"]
+        phases.domain_arrays(corpus, tok, [domain], "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
+        phases.job_window_seed(job),
     )
     spec_dict = {**job["spec"], "betas": tuple(job["spec"]["betas"])}
     if threads is not None:

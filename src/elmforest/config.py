@@ -107,7 +107,10 @@ class EvalConfig(_Strict):
     )
     batch_size: int = Field(8, gt=0)
     valid_windows_per_domain: int = Field(
-        16, gt=0, description="Valid windows per domain scored during training (the compute curves)."
+        16,
+        gt=0,
+        description="Valid windows per domain scored during training (the compute curves), drawn from the whole "
+        "valid split (eval.window_seed).",
     )
 
     @field_validator("posterior")

@@ -45,7 +45,6 @@ from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus
 from elmforest.errors import ElmError, require
-from elmforest.evaluate import eval_windows
 from elmforest.forest import Forest, read_json
 from elmforest.checkpoint import save_weights
 from elmforest.models import SIZES, copy_tokenizer_files, load_model, param_count
@@ -136,10 +135,10 @@ def demix_optimizer_state(
 
 
 def _routed_valid_batches(
-    arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int
+    arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int, window_seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The valid windows `phases.valid_batches` scores, each with its domain's index: (tokens, ids)."""
-    per_domain = [eval_windows(a, context, max_tokens=windows_per_domain * context + 1) for a in arrays.values()]
+    per_domain = phases.monitor_windows(arrays, context, windows_per_domain, window_seed)
     rows = torch.cat(per_domain)
     ids = torch.cat([torch.full((len(w),), j, dtype=torch.long) for j, w in enumerate(per_domain)])
     return list(zip(rows.split(batch_size), ids.split(batch_size)))
@@ -175,6 +174,7 @@ def train_demix(
         context,
         recipe.eval.valid_windows_per_domain,
         recipe.eval.batch_size,
+        recipe.eval.window_seed,
     )
     dense = load_model(seed)
     init = None

@@ -28,7 +28,7 @@ from elmforest.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.corpus import Corpus, check_domain_name
 from elmforest.errors import ElmError
-from elmforest.evaluate import eval_windows
+from elmforest.evaluate import spread_windows
 from elmforest.forest import EXPERT_JSON, read_expert, read_json
 from elmforest.models import (
     TOKENIZER_FILES,
@@ -109,18 +109,26 @@ def domain_arrays(corpus: Corpus, tokenizer_dir: Path, domains: list[str], split
     return {d: token_array(corpus, tokenizer_dir, d, split) for d in domains}
 
 
-def valid_batches(arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int) -> list[torch.Tensor]:
-    """The same first `windows_per_domain` valid windows of each domain, in batches.
+def valid_batches(
+    arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int, window_seed: int = 0
+) -> list[torch.Tensor]:
+    """`windows_per_domain` valid windows of each domain, drawn (seeded by `window_seed`) from its
+    whole split as the evaluation's are, in batches: the training loop's valid loss.
 
     With equal windows per domain, the mean loss over them is the mean of per-domain losses,
     so exp(valid_loss) is the geometric mean of the per-domain perplexities."""
+    return list(torch.cat(monitor_windows(arrays, context, windows_per_domain, window_seed)).split(batch_size))
+
+
+def monitor_windows(arrays: dict[str, Any], context: int, windows_per_domain: int, window_seed: int) -> list[torch.Tensor]:
+    """Per domain, the valid windows the training loop's valid loss is measured on."""
     windows = []
     for domain, a in arrays.items():
         try:
-            windows.append(eval_windows(a, context, max_tokens=windows_per_domain * context + 1))
+            windows.append(spread_windows(a, context, windows_per_domain, window_seed, eos_id=None).tokens)
         except ElmError as e:  # name the split: a valid split shorter than one window
             raise ElmError(f"domain {domain!r} valid split: {e.detail}") from None
-    return list(torch.cat(windows).split(batch_size))
+    return windows
 
 
 def model_spec(recipe: Recipe, tokenizer_dir: Path):
@@ -184,6 +192,7 @@ def dense_data(recipe: Recipe, run_dir: Path) -> tuple[Path, int, Budget, Balanc
         context,
         recipe.eval.valid_windows_per_domain,
         recipe.eval.batch_size,
+        recipe.eval.window_seed,
     )
     return tok, context, budget, sampler, valid
 
@@ -357,6 +366,11 @@ def expert_job(
     }
 
 
+def job_window_seed(job: dict[str, Any]) -> int:
+    """The recipe's eval.window_seed recorded in a job (0 for jobs written before it was)."""
+    return int(job.get("recipe", {}).get("eval", {}).get("window_seed", 0))
+
+
 def _stable_index(name: str) -> int:
     import zlib
 
@@ -448,7 +462,8 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
     sampler = _expert_sampler(job, corpus, tok)
     valid_domains = [job["data"]["domain"]] if job["data"]["kind"] == "domain" else job["train_domains"]
     valid = valid_batches(
-        domain_arrays(corpus, tok, valid_domains, "valid"), job["context"], job["valid_windows"], job["eval_batch_size"]
+        domain_arrays(corpus, tok, valid_domains, "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
+        job_window_seed(job),
     )
     spec_dict = dict(job["spec"])
     spec_dict["betas"] = tuple(spec_dict["betas"])
