@@ -136,7 +136,9 @@ def test_btx_arm_rebuilds_when_asked_to_fine_tune_every_parameter(llama_study, t
     shutil.copytree(out / "btx", run / "btx")
     before = load_file(str(run / "btx" / "model.safetensors"))
     router_only = json.loads((run / "btx" / "mix.json").read_text())
-    assert build_btx(recipe, run, log=lambda s: None) == router_only  # same settings: reused
+    written = (run / "btx" / "model.safetensors").stat().st_mtime_ns
+    assert build_btx(recipe, run, log=lambda s: None) == router_only  # same settings: reused ...
+    assert (run / "btx" / "model.safetensors").stat().st_mtime_ns == written  # ... not rebuilt
     arms = recipe.arms.model_copy(update={"btx_train_all": True})
     meta = build_btx(recipe.model_copy(update={"arms": arms}), run, log=lambda s: None)
     assert meta["finetune"]["train_all"] is True and meta["finetune"]["tokens"] == router_only["finetune"]["tokens"]

@@ -398,6 +398,7 @@ def mix_forest(forest_dir: str | Path, out: str | Path, stop_at_step: int | None
     moe, meta = build_moe(forest_dir, work_dir=out, record=request, stop_at_step=stop_at_step, **options)
     if meta["finetune"].get("stopped"):
         return meta
+    meta["request"] = request  # what this folder was built from (the study rebuilds it when that changes)
     tok = Forest(forest_dir).tokenizer_dir
     if out.exists():  # fine-tuned here: the loop's last checkpoint saved these very weights
         copy_tokenizer_files(tok, out, overwrite=False)
@@ -417,25 +418,13 @@ def btx_dir(run_dir: Path) -> Path:
 def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers (every
     parameter with `arms.btx_train_all`) fine-tuned for `arms.btx_tokens` tokens at the recipe's
-    batch and peak lr. Skipped when done with the same settings (rebuilt when `btx_tokens` or
-    `btx_train_all` changed); an interrupted fine-tune continues from its last checkpoint."""
+    batch and peak lr. Skipped when done from the same request (`mix.json` records it; rebuilt when
+    e.g. `btx_tokens` or `btx_train_all` changed); an interrupted fine-tune continues from its last
+    checkpoint."""
     run_dir = Path(run_dir)
     out = btx_dir(run_dir)
-    if (out / MIX_JSON).is_file():
-        done = read_json(out / MIX_JSON, MIX_JSON)
-        tune, want = done.get("finetune", {}), recipe.arms.btx_tokens
-        tokens = tune.get("tokens", 0)  # rounded up to whole batches
-        same_tokens = tokens == want == 0 or (want > 0 and 0 <= tokens - want < tune.get("batch_tokens", 1))
-        if same_tokens and bool(tune.get("train_all")) == (recipe.arms.btx_train_all and want > 0):
-            return done
-        log(f"BTX: {out} was fine-tuned with other settings; rebuilding it")
-        shutil.rmtree(out)
-    if out.exists() and not (out / MIX_REQUEST).is_file():
-        shutil.rmtree(out)  # interrupted before its fine-tune began: nothing to continue
     forest = Forest(run_dir / "forest")
-    return mix_forest(
-        forest.path,
-        out,
+    options = dict(
         top_k=min(2, len(forest.names)),
         finetune_tokens=recipe.arms.btx_tokens,
         train_all=recipe.arms.btx_train_all,
@@ -446,3 +435,19 @@ def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print)
         device=resolve_device(recipe.optim.device),
         log=log,
     )
+    if (out / MIX_JSON).is_file():
+        done = read_json(out / MIX_JSON, MIX_JSON)
+        if _same_build(done.get("request"), _mix_request(forest.path, options)):
+            return done
+        log(f"BTX: {out} was built with other settings; rebuilding it")
+        shutil.rmtree(out)
+    if out.exists() and not (out / MIX_REQUEST).is_file():
+        shutil.rmtree(out)  # interrupted before its fine-tune began: nothing to continue
+    return mix_forest(forest.path, out, **options)
+
+
+def _same_build(recorded: dict[str, Any] | None, request: dict[str, Any]) -> bool:
+    """Two BTX requests build the same model from a run's own forest (wherever the run folder is)."""
+    if recorded is None:
+        return False
+    return {k: v for k, v in recorded.items() if k != "forest"} == {k: v for k, v in request.items() if k != "forest"}
