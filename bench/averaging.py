@@ -4,7 +4,7 @@ n experts (n = 2, 6, 16) of a GPT-2 model (8 layers, width 512, vocab 8192: ~30M
 ~120 MB of float32 safetensors each) are saved with `save_pretrained(safe_serialization=True)`,
 then averaged uniformly into one model by
 
-    elmforest  elmforest.averaging.average_folders(dirs, None, "uniform", out)   (streams tensor
+    elmforest  elmforest.combine.averaging.average_folders(dirs, None, "uniform", out)   (streams tensor
                by tensor: one output model in memory plus one tensor per expert)
     mergekit   mergekit-yaml with merge_method: linear, weight 1/n each, dtype float32
                (installed into its own venv at bench/.env on first use)
@@ -35,7 +35,7 @@ CONSTRAINTS = BENCH.parent / "constraints.txt"
 
 ELMFOREST_CHILD = """
 import sys
-from elmforest.averaging import average_folders
+from elmforest.combine.averaging import average_folders
 if sys.argv[1] != "imports-only":
     average_folders(sys.argv[2:], None, "uniform", sys.argv[1])
 """

@@ -7,8 +7,8 @@ log-probs (a logsumexp over k in float64). The claim: that is all it costs, so
 
 and a top-k ensemble of an n-expert forest costs k forward passes, not n (experts with zero
 prior are never run). Models are random-init `demo` size (speed does not depend on training);
-the prior is `elmforest.ensemble.cached_prior` on separate validation windows (not timed).
-Every contender scores the same test windows with `elmforest.evaluate.perplexity`.
+the prior is `elmforest.combine.ensemble.cached_prior` on separate validation windows (not timed).
+Every contender scores the same test windows with `elmforest.combine.evaluate.perplexity`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 
 import record
 from elmforest.config import ModelConfig
-from elmforest.ensemble import Ensemble, cached_prior, top_k_prior
-from elmforest.evaluate import perplexity
-from elmforest.models import build_model, resolve_spec
+from elmforest.combine.ensemble import Ensemble, cached_prior, top_k_prior
+from elmforest.combine.evaluate import perplexity
+from elmforest.models.factory import build_model, resolve_spec
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Generation speed: an ensemble of 3 experts with and without KV cache, and one model alone.
 
-`elmforest.generate.generate` continues a prompt greedily (the same tokens every run, so every
+`elmforest.combine.generate.generate` continues a prompt greedily (the same tokens every run, so every
 contender does the same work). With the cache each active expert keeps its own KV cache: the
 prompt costs one forward pass per expert, then each new token one single-token step per expert.
 Without the cache every expert re-reads the whole sequence for every new token. Expected: a
@@ -17,8 +17,8 @@ import torch
 
 import record
 from elmforest.config import ModelConfig
-from elmforest.generate import generate
-from elmforest.models import build_model, resolve_spec
+from elmforest.combine.generate import generate
+from elmforest.models.factory import build_model, resolve_spec
 
 
 def main() -> None:

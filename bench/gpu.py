@@ -5,16 +5,16 @@
 
 Parts (each a row group of one table):
 
-    train      elmforest.training.train on the 125M model (GPT-3 small, vocab 50264, context 1024),
+    train      elmforest.train.loop.train on the 125M model (GPT-3 small, vocab 50264, context 1024),
                bf16 autocast, steps of 2 micro-batches of 16 windows (an expert's step in
                recipes/paper-125m.yaml), eager and torch.compile'd. Tokens/s in steady state:
                the clock is stamped at each batch fetch (the loop syncs on loss.item() every
                micro-batch) and the first steps (warm-up, compilation) are dropped.
-               MFU = achieved FLOP/s / the GPU's bf16 peak (`elmforest.hardware`), with FLOPs
+               MFU = achieved FLOP/s / the GPU's bf16 peak (`elmforest.models.hardware`), with FLOPs
                per token counted two ways: `models.flops_per_token` (6N + 6*L*s*d, what compute
                matching uses) and `models.measured_flops_per_token` (every matmul, the logits
                and the full attention square included: the FLOPs the GPU really does).
-    ddp        the same on G ranks of one data-parallel run (`elmforest.distributed.run_procs`,
+    ddp        the same on G ranks of one data-parallel run (`elmforest.train.distributed.run_procs`,
                every visible GPU; --ddp-procs G to choose, e.g. 2 CPU ranks for a smoke test),
                each rank given 16 windows per micro-batch (weak scaling); MFU against G peaks.
                Skipped with a note on one GPU, or where elmforest has no `distributed` module.
@@ -23,7 +23,7 @@ Parts (each a row group of one table):
     average    averaging.average_folders of 8 saved 125M experts (uniform weights), seconds and
                GB/s of weights read.
 
-Needs `elmforest.hardware` (peak_flops, mfu); fails with a message naming it when missing.
+Needs `elmforest.models.hardware` (peak_flops, mfu); fails with a message naming it when missing.
 """
 
 from __future__ import annotations
@@ -39,21 +39,22 @@ from pathlib import Path
 import torch
 
 import record
-from elmforest.averaging import average_folders
+from elmforest.combine.averaging import average_folders
 from elmforest.config import ModelConfig
-from elmforest.ensemble import Ensemble
-from elmforest.evaluate import perplexity
-from elmforest.models import build_model, flops_per_token, hf_config, measured_flops_per_token, resolve_spec, save_model
-from elmforest.training import TrainSpec, train
+from elmforest.combine.ensemble import Ensemble
+from elmforest.combine.evaluate import perplexity
+from elmforest.models.factory import build_model, flops_per_token, hf_config, measured_flops_per_token, resolve_spec, save_model
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import train
 from train_throughput import FixedSampler
 
 
 def hardware_module():
-    """elmforest.hardware, imported only when the benchmark runs (it lands with the DDP work)."""
+    """elmforest.models.hardware, imported only when the benchmark runs (it lands with the DDP work)."""
     try:
-        from elmforest import hardware
+        from elmforest.models import hardware
     except ImportError as e:
-        sys.exit(f"bench/gpu.py needs elmforest.hardware (peak_flops, mfu) for the MFU column; not importable here ({e})")
+        sys.exit(f"bench/gpu.py needs elmforest.models.hardware (peak_flops, mfu) for the MFU column; not importable here ({e})")
     return hardware
 
 
@@ -88,7 +89,7 @@ def train_row(spec, device, compile_, rows_per_micro, micro, warmup, measured, t
 
 def ddp_rank(spec, device_type, rows_per_micro, micro, warmup, measured, tmp: str) -> float:
     """One rank of the data-parallel row (a top-level function: `run_procs` pickles it)."""
-    from elmforest.distributed import world
+    from elmforest.train.distributed import world
 
     r = train_row(spec, torch.device(device_type), False, rows_per_micro, micro, warmup, measured, Path(tmp),
                   ranks=world().size)
@@ -100,12 +101,12 @@ def ddp_row(spec, device, procs, rows_per_micro, micro, warmup, measured, tmp: P
     if procs < 2:
         return None, "ddp: skipped (one GPU visible)" if device.type == "cuda" else "ddp: skipped (no GPU; --ddp-procs 2 for CPU ranks)"
     try:
-        from elmforest.distributed import run_procs
+        from elmforest.train.distributed import run_procs
     except ImportError:
-        return None, f"ddp: skipped ({procs} ranks asked, but this elmforest has no elmforest.distributed)"
+        return None, f"ddp: skipped ({procs} ranks asked, but this elmforest has no elmforest.train.distributed)"
     tps = run_procs(ddp_rank, spec, device.type, rows_per_micro, micro, warmup, measured, str(tmp), procs=procs)
     shutil.rmtree(tmp / "train-ddp", ignore_errors=True)
-    return tps, f"ddp: {procs} ranks through elmforest.distributed.run_procs"
+    return tps, f"ddp: {procs} ranks through elmforest.train.distributed.run_procs"
 
 
 def ensemble_rows(spec, device, ks, windows, batch, repeats) -> dict[int, list[float]]:
@@ -224,7 +225,7 @@ def main() -> None:
                                   table_rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     notes = [
-        f"device: {name}; bf16 peak {peak / 1e12:,.1f} TFLOP/s (elmforest.hardware.peak_flops)"
+        f"device: {name}; bf16 peak {peak / 1e12:,.1f} TFLOP/s (elmforest.models.hardware.peak_flops)"
         + (f"; CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
         f"FLOPs per token at context {spec.context}: {analytic / 1e6:,.1f}M by 6N + 6*L*s*d, "
         f"{counted / 1e6:,.1f}M counted (logits matmul and the full attention square included).",

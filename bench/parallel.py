@@ -4,7 +4,7 @@ Two ways to use 2 cores for BTM: train one model data-parallel on 2 processes (t
 a gradient all-reduce every step), or train 2 experts at once, one process each (no bytes
 exchanged at all: the "embarrassingly parallel" part of BTM). Four contenders train `demo`-size
 experts (GPT-2, 4 layers, width 128) for the same number of steps through
-`elmforest.launchers.run_jobs`, interleaved, in one run:
+`elmforest.launch.launchers.run_jobs`, interleaved, in one run:
 
     1 expert, 1 process       `sequential` launcher, 2 torch threads (the unit of work)
     1 expert, 2 processes     `sequential` with procs_per_job 2: 2 spawned ranks x 1 thread, DDP
@@ -21,7 +21,7 @@ training loop does (`distributed.data_parallel`) and counts the bytes of every g
 handed to the all-reduce through a DDP communication hook, over one step of 2 micro-batches (the
 first under no_sync). A ring all-reduce then sends and receives about 2(G-1)/G of those bytes per
 rank. The job function (`expert_job`) is written here: a demo model trained with
-`elmforest.training.train` on a synthetic token array through `elmforest.sampler.DomainSampler`
+`elmforest.train.loop.train` on a synthetic token array through `elmforest.data.sampler.DomainSampler`
 (`phases.train_expert` needs a corpus, a tokenizer and a branched folder, whose set-up would
 dominate a benchmark of a few minutes).
 """
@@ -46,9 +46,10 @@ JOB = "job.json"
 def expert_job(path: str, threads: int | None) -> dict[str, Any]:
     """Train one synthetic expert described by path/job.json (a launcher job: fn(path, threads))."""
     from elmforest.config import ModelConfig
-    from elmforest.models import build_model, resolve_spec
-    from elmforest.sampler import DomainSampler
-    from elmforest.training import TrainSpec, train
+    from elmforest.models.factory import build_model, resolve_spec
+    from elmforest.data.sampler import DomainSampler
+    from elmforest.train.spec import TrainSpec
+    from elmforest.train.loop import train
 
     job = json.loads((Path(path) / JOB).read_text())
     spec = resolve_spec(ModelConfig(size=job["size"]), job["vocab"])
@@ -67,9 +68,9 @@ def allreduce_bytes(size: str, vocab: int, batch: int) -> dict[str, int]:
     import torch
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from elmforest import distributed
+    from elmforest.train import distributed
     from elmforest.config import ModelConfig
-    from elmforest.models import build_model, resolve_spec
+    from elmforest.models.factory import build_model, resolve_spec
 
     spec = resolve_spec(ModelConfig(size=size), vocab)
     model = build_model(spec, 0)
@@ -97,10 +98,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per expert (long enough to amortise spawning)")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
-    from elmforest import distributed
+    from elmforest.train import distributed
     from elmforest.config import LauncherConfig, ModelConfig
-    from elmforest.launchers import run_jobs
-    from elmforest.models import resolve_spec
+    from elmforest.launch.launchers import run_jobs
+    from elmforest.models.factory import resolve_spec
 
     size, vocab, batch, steps = ("tiny", 512, 4, 4) if a.quick else ("demo", 4096, 8, a.steps)
     repeats = a.repeats or (1 if a.quick else 3)

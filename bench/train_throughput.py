@@ -6,7 +6,7 @@ vocab 4096: 1.3M parameters) on the same fixed token blocks, batch B x 128 token
 
     bare       the loop written below: forward, float32 cross-entropy, backward, clip, step
                (the no-overhead reference; nothing logged, no checkpoints)
-    elmforest  elmforest.training.train (metrics.jsonl every 10 steps, final checkpoint,
+    elmforest  elmforest.train.loop.train (metrics.jsonl every 10 steps, final checkpoint,
                progress bar off)
     trainer    transformers.Trainer (no logging, no saving, dataloader_num_workers=0,
                use_cpu=True; its default optimizer; labels = input_ids, so it predicts
@@ -18,7 +18,7 @@ steady state: every contender stamps the clock when it fetches a batch, the firs
 rest. "whole call" is tokens over the wall time of the entire call (set-up, optimizer creation,
 the final checkpoint for elmforest, accelerate set-up for Trainer).
 
-Achieved FLOP/s = tokens/s * elmforest.models.flops_per_token (6N + 6*L*T*d; Kaplan et al.,
+Achieved FLOP/s = tokens/s * elmforest.models.factory.flops_per_token (6N + 6*L*T*d; Kaplan et al.,
 the logits matmul 6*d*V per token left out) as a fraction of a large GEMM's FLOP/s timed in
 the same process, in the same dtype.
 """
@@ -37,8 +37,9 @@ import transformers
 
 import record
 from elmforest.config import ModelConfig
-from elmforest.models import build_model, flops_per_token, resolve_spec
-from elmforest.training import TrainSpec, lr_at, train
+from elmforest.models.factory import build_model, flops_per_token, resolve_spec
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import lr_at, train
 
 CONTENDERS = ("bare", "elmforest", "trainer")
 
@@ -270,7 +271,7 @@ def main() -> None:
     )
     notes = [
         f"GEMM peak ({gemm_n}^3, best of 3): fp32 {peaks[False] / 1e9:,.1f} GFLOP/s, bf16 {peaks[True] / 1e9:,.1f} GFLOP/s.",
-        f"FLOPs per token {fpt:,} (6N + 6*L*T*d, elmforest.models.flops_per_token); the logits matmul adds "
+        f"FLOPs per token {fpt:,} (6N + 6*L*T*d, elmforest.models.factory.flops_per_token); the logits matmul adds "
         f"{logits_fpt:,} more ({100 * logits_fpt / fpt:.0f}%), not counted in 'of GEMM peak'.",
         "x bare: ratio of medians; x bare (best runs): ratio of the fastest repeats (least disturbed by other load).",
         "Steady state: the first %d steps of each run dropped, %d steps timed; whole call: all %d steps plus set-up and teardown." % (warmup, measured, steps),

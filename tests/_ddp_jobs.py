@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from _resume_child import ROWS, PatternSampler, tiny_model_spec, tiny_train_spec
-from elmforest import distributed
-from elmforest.training_state import read_metrics
+from elmforest.train import distributed
+from elmforest.train.state import read_metrics
 
 KILLED = ".killed-rank"
 
@@ -25,8 +25,8 @@ def train_tiny(out: str, steps: int = 6, delay: float = 0.0, valid: int = 0, row
     spec: TrainSpec overrides, plus train()'s stop_at_step."""
     import torch
 
-    from elmforest.models import build_model
-    from elmforest.training import train
+    from elmforest.models.factory import build_model
+    from elmforest.train.loop import train
 
     torch.set_num_threads(1)
     stop = spec.pop("stop_at_step", None)

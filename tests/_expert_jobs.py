@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from elmforest.phases import train_expert
+from elmforest.btm.phases import train_expert
 
 MARKER = ".killed-once"
 
@@ -60,7 +60,7 @@ class KillingFileSystem(LocalFileSystem):
         target = Path(self._strip_protocol(rpath).removesuffix(".partial"))
         marker = target.parents[1] / KILLED_IN_PUSH.format(target.parent.name)
         if target.name == "train_state.pt" and target.exists() and not marker.exists():
-            from elmforest.checkpoint import load_train_state
+            from elmforest.models.checkpoint import load_train_state
 
             data = Path(lpath).read_bytes()
             Path(self._strip_protocol(rpath)).write_bytes(data[: len(data) // 2])

@@ -98,7 +98,7 @@ def contract_job(path: str, threads: int | None) -> dict:
 
 def rank_sum_job(path: str, threads: int | None) -> dict:
     """Run on each rank of a data-parallel job: all-reduce (rank + 1) over the group."""
-    from elmforest import distributed
+    from elmforest.train import distributed
 
     where = distributed.world()
     total = distributed.all_reduce_sum(torch.tensor([float(where.rank + 1)]))

@@ -24,7 +24,7 @@ class PatternSampler:
     """A synthetic language: each row counts from a random start by a random stride (1-3) mod VOCAB.
 
     Learnable from context (infer the stride, add it), so the loss can fall quickly. Batch i is a
-    pure function of (seed, i), the same protocol as `elmforest.sampler`. `delay` sleeps per batch
+    pure function of (seed, i), the same protocol as `elmforest.data.sampler`. `delay` sleeps per batch
     so a test can kill a run midway.
     """
 
@@ -54,13 +54,13 @@ class PatternSampler:
 
 
 def tiny_model_spec(family: str = "gpt2"):
-    from elmforest.models import ModelSpec
+    from elmforest.models.factory import ModelSpec
 
     return ModelSpec(family=family, layers=2, width=64, heads=2, context=BLOCK, vocab_size=VOCAB)
 
 
 def tiny_train_spec(**overrides: Any):
-    from elmforest.training import TrainSpec
+    from elmforest.train.spec import TrainSpec
 
     fields: dict[str, Any] = dict(
         lr=1e-2, warmup_steps=3, total_steps=30, final_lr_fraction=0.1, grad_clip=1.0, micro_batches=2,
@@ -71,8 +71,8 @@ def tiny_train_spec(**overrides: Any):
 
 
 def main() -> None:
-    from elmforest.models import build_model
-    from elmforest.training import train
+    from elmforest.models.factory import build_model
+    from elmforest.train.loop import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out")

@@ -12,7 +12,7 @@ import random
 import sys
 from pathlib import Path
 
-from elmforest.corpus import DomainSource, write_corpus
+from elmforest.data.corpus import DomainSource, write_corpus
 from tinydata import _WORDS, _document
 
 DEMO_NAMES = ("news", "legal", "code", "health_tweets", "drama", "speeches", "reviews", "factbook", "dialogue")

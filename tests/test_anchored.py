@@ -18,26 +18,27 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from cli_runner import run_cli
-from elmforest.budget import plan_budget
-from elmforest import phases
-from elmforest.anchored import (
+from elmforest.train.budget import plan_budget
+from elmforest.btm import phases
+from elmforest.mixtures.anchored import (
     ANCHORED_DIR, ROUTER_INIT, TRAIN_DIR, anchor, anchored_job, branch_anchored, check_llama, domain_embeddings,
     router_input_means, train_anchored_expert,
 )
-from elmforest.anchored_flops import anchored_training_flops, measured_step_flops, step_flops_per_token
-from elmforest.anchored_moe import MOE_DIR, TUNED_DIR, merge_anchored, opt_out
-from elmforest.btx import moe_flops_per_token
-from elmforest.checkpoint import write_safetensors
+from elmforest.mixtures.anchored_flops import anchored_training_flops, measured_step_flops, step_flops_per_token
+from elmforest.mixtures.anchored_moe import MOE_DIR, TUNED_DIR, merge_anchored, opt_out
+from elmforest.mixtures.btx import moe_flops_per_token
+from elmforest.models.checkpoint import write_safetensors
 from elmforest.cli import main
-from elmforest.config import recipe_from_dict
-from elmforest.corpus import Corpus
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.data.corpus import Corpus
 from elmforest.errors import ElmError
-from elmforest.models import flops_per_token, load_model
-from elmforest.sampler import DomainSampler
-from elmforest.scoring import domain_windows
-from elmforest.tokens import token_array
-from elmforest.training import TrainSpec, lr_at, train
-from elmforest.training_state import read_metrics
+from elmforest.models.factory import flops_per_token, load_model
+from elmforest.data.sampler import DomainSampler
+from elmforest.combine.scoring import domain_windows
+from elmforest.data.tokens import token_array
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import lr_at, train
+from elmforest.train.state import read_metrics
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 torch.set_num_threads(1)
@@ -287,7 +288,7 @@ def test_counted_training_flops_match_the_formula(layers, kv_heads, tied):
     )
     seed = LlamaForCausalLM(cfg)
     batch = torch.randint(0, 96, (3, 21))
-    from elmforest.anchored import zero_anchored
+    from elmforest.mixtures.anchored import zero_anchored
 
     fl = anchored_training_flops(seed, zero_anchored(seed), batch)
     for who in ("anchored", "btm_expert"):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from elmforest.averaging import (
+from elmforest.combine.averaging import (
     AVERAGING_METHODS,
     AverageOptions,
     average_folders,
@@ -15,7 +15,7 @@ from elmforest.averaging import (
     make_plan,
 )
 from elmforest.errors import ElmError
-from elmforest.evaluate import token_logprobs
+from elmforest.combine.evaluate import token_logprobs
 
 VOCAB = 64
 METHODS_WITH_WEIGHTS = {"argmax", "posterior", "weighted"}

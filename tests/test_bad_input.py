@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from elmforest import cli
-from elmforest.corpus import Corpus, DomainSource, write_corpus
+from elmforest.data.corpus import Corpus, DomainSource, write_corpus
 from elmforest.errors import ElmError
-from elmforest.forest import Forest
-from elmforest.models import ModelSpec, arch_hash, build_model, save_model
-from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
+from elmforest.combine.forest import Forest
+from elmforest.models.factory import ModelSpec, arch_hash, build_model, save_model
+from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
 
 WORDS = {
     "alpha": "sun moon star sky cloud rain wind light dark night day".split(),
@@ -521,7 +521,7 @@ def test_unreadable_source(tmp_path, capsys):
     ],
 )
 def test_bad_averaging_weights_are_refused_before_writing(world, tmp_path, weights, needle):
-    from elmforest.averaging import average_folders
+    from elmforest.combine.averaging import average_folders
 
     second = tmp_path / "beta"
     shutil.copytree(world / "alpha", second)

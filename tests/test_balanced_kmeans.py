@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from elmforest.balanced_kmeans import balanced_assign, balanced_kmeans, cluster_capacity, over_capacity
+from elmforest.cbtm.balanced_kmeans import balanced_assign, balanced_kmeans, cluster_capacity, over_capacity
 from elmforest.errors import ElmError
 
 

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from safetensors.torch import load_file
 
-from elmforest.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, router_spec, save_moe
+from elmforest.mixtures.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, router_spec, save_moe
 from elmforest.errors import ElmError
-from elmforest.models import flops_per_token
-from elmforest.training_state import read_metrics
+from elmforest.models.factory import flops_per_token
+from elmforest.train.state import read_metrics
 
 torch.set_num_threads(1)
 V, H = 64, 32

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_runner import run_cli
-from elmforest.checkpoint import write_safetensors
+from elmforest.models.checkpoint import write_safetensors
 from elmforest.cli import main
 from tinydata import make_corpus, tiny_recipe, write_recipe
 

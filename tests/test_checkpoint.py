@@ -13,14 +13,14 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from elmforest.checkpoint import verify_weights
-from elmforest.models import load_model
+from elmforest.models.checkpoint import verify_weights
+from elmforest.models.factory import load_model
 
 # Builds a tiny GPT-2 from a fixed seed and saves it the way every training run does.
 SAVE = """
 import sys
-from elmforest.checkpoint import save_weights
-from elmforest.models import ModelSpec, build_model
+from elmforest.models.checkpoint import save_weights
+from elmforest.models.factory import ModelSpec, build_model
 spec = ModelSpec(family="gpt2", layers=2, width=32, heads=2, context=16, vocab_size=64)
 save_weights(build_model(spec, seed=3), sys.argv[1])
 """
@@ -51,7 +51,7 @@ def test_two_processes_saving_the_same_weights_write_identical_bytes(tmp_path):
 
 
 def test_every_dtype_round_trips(tmp_path):
-    from elmforest.checkpoint import write_safetensors
+    from elmforest.models.checkpoint import write_safetensors
 
     tensors = {
         "f32": torch.arange(6, dtype=torch.float32).reshape(2, 3),

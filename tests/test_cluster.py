@@ -11,9 +11,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from typer.testing import CliRunner
 
 from cli_runner import run_cli
-from elmforest.cluster import ClusterModel, cluster_corpus, document_sizes, fit_clusters
-from elmforest.commands.cluster import corpus_cluster
-from elmforest.corpus import Corpus, DomainSource, write_corpus
+from elmforest.cbtm.cluster import ClusterModel, cluster_corpus, document_sizes, fit_clusters
+from elmforest.cli.cluster import corpus_cluster
+from elmforest.data.corpus import Corpus, DomainSource, write_corpus
 from elmforest.errors import ElmError
 
 FRUIT = ("apple banana cherry grape lemon mango melon orange papaya peach pear plum "
@@ -182,9 +182,9 @@ def test_cli_command_prints_table_and_ari(two_domain_corpus, tmp_path):
 
 def test_cli_wiring_under_corpus(two_domain_corpus, tmp_path, capsys):
     from elmforest import cli
-    from elmforest.commands import corpus as corpus_commands
+    from elmforest.cli import corpus as corpus_commands
 
-    assert hasattr(corpus_commands, "corpus_app"), "elmforest.commands.corpus does not define corpus_app yet"
+    assert hasattr(corpus_commands, "corpus_app"), "elmforest.cli.corpus does not define corpus_app yet"
     with pytest.raises(SystemExit) as exc:
         cli.main(["corpus", "cluster", str(two_domain_corpus.path), "--k", "0", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
@@ -267,7 +267,7 @@ def test_token_balancing_finds_the_domains_that_document_balancing_splits(huge_a
 
 
 def test_tokenizer_sizes_are_its_token_counts(two_domain_corpus, tmp_path):
-    from elmforest.tokenizer import load_tokenizer, train_tokenizer
+    from elmforest.data.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = train_tokenizer(two_domain_corpus, ["fruit", "motor"], 300, tmp_path / "tok")
     out = tmp_path / "clustered"

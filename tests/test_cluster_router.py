@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from elmforest.cluster import fit_clusters
-from elmforest.cluster_router import ClusterRouter, cluster_router_weights, routing_weights
+from elmforest.cbtm.cluster import fit_clusters
+from elmforest.cbtm.cluster_router import ClusterRouter, cluster_router_weights, routing_weights
 from elmforest.errors import ElmError
 from test_cluster import FRUIT, MOTOR, documents
 

@@ -16,13 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cli_runner import run_cli as run
-from elmforest.averaging import average_state_dicts
-from elmforest.corpus import Corpus, DomainSource, write_corpus
-from elmforest.forest import Forest
-from elmforest.models import arch_hash, load_model, save_model
-from elmforest.scoring import domain_windows, model_scores
-from elmforest.tokenizer import tokenizer_hash, train_tokenizer
-from elmforest.tokens import token_array
+from elmforest.combine.averaging import average_state_dicts
+from elmforest.data.corpus import Corpus, DomainSource, write_corpus
+from elmforest.combine.forest import Forest
+from elmforest.models.factory import arch_hash, load_model, save_model
+from elmforest.combine.scoring import domain_windows, model_scores
+from elmforest.data.tokenizer import tokenizer_hash, train_tokenizer
+from elmforest.data.tokens import token_array
 
 CONTEXT = 32
 WORDS = "the cat sat on a mat while dog ran far away from home and then came back".split()

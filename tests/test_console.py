@@ -6,7 +6,7 @@ import json
 
 from cli_runner import run_cli
 from elmforest.console import PIPE_WIDTH, stdout_console
-from elmforest.corpus import SPLITS
+from elmforest.data.corpus import SPLITS
 
 
 def test_piped_table_rows_are_never_wrapped(tmp_path, capsys):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cli_runner import run_cli
-from elmforest.corpus import SPLITS, Corpus
-from elmforest.corpus_import import import_sources, inspect_sources
+from elmforest.data.corpus import SPLITS, Corpus
+from elmforest.data.corpus_import import import_sources, inspect_sources
 from elmforest.errors import ElmError
 
 

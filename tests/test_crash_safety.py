@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmforest.check import check_path
-from elmforest.checkpoint import verify_weights
-from elmforest.corpus import Corpus, DomainSource, write_corpus
+from elmforest.checks.check import check_path
+from elmforest.models.checkpoint import verify_weights
+from elmforest.data.corpus import Corpus, DomainSource, write_corpus
 from elmforest.errors import ElmError
-from elmforest.forest import Forest
-from elmforest.tokenizer import train_tokenizer
+from elmforest.combine.forest import Forest
+from elmforest.data.tokenizer import train_tokenizer
 
 ELMFOREST = [sys.executable, "-m", "elmforest.cli"]
 WORDS = {
@@ -227,7 +227,7 @@ def test_average_killed_leaves_no_partial_output(world, tmp_path):
 
 
 def test_corrupted_checkpoint_is_a_clear_error(world, tmp_path):
-    from elmforest.models import load_model
+    from elmforest.models.factory import load_model
 
     expert = tmp_path / "alpha"
     shutil.copytree(world / "reference" / "experts" / "alpha", expert)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from elmforest import checkpoint
-from elmforest.demix import (
+from elmforest.models import checkpoint
+from elmforest.mixtures.demix import (
     DomainMLP,
     demix_cached_prior,
     demix_logprobs,

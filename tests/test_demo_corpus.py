@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from elmforest import demo_corpus as dc
+from elmforest.data import demo_corpus as dc
 from elmforest.cli import main
-from elmforest.corpus import SPLITS, Corpus
+from elmforest.data.corpus import SPLITS, Corpus
 from elmforest.errors import ElmError
 
 

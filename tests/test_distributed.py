@@ -1,4 +1,4 @@
-"""Data-parallel training of one model (`elmforest.distributed`, `training.train` under DDP):
+"""Data-parallel training of one model (`elmforest.train.distributed`, `training.train` under DDP):
 2 gloo ranks on CPU against 1 process at the same global batch, a rank killed mid-run, errors.
 
 Tolerance. Two ranks compute each half-batch's mean loss and average the two gradients; one
@@ -26,12 +26,12 @@ from safetensors.torch import load_file
 
 import _ddp_jobs as jobs
 from _resume_child import PatternSampler, tiny_model_spec, tiny_train_spec
-from elmforest import distributed
-from elmforest.checkpoint import load_train_state
+from elmforest.train import distributed
+from elmforest.models.checkpoint import load_train_state
 from elmforest.errors import ElmError
-from elmforest.models import build_model
-from elmforest.training import train
-from elmforest.training_state import read_metrics
+from elmforest.models.factory import build_model
+from elmforest.train.loop import train
+from elmforest.train.state import read_metrics
 
 WEIGHT_ATOL = 2e-3
 SPEC = dict(steps=12, checkpoint_every=3, eval_every=4, valid=3)  # micro_batches 2 of 4 rows (tiny_train_spec)
@@ -172,7 +172,7 @@ def test_ddp_study_gives_the_perplexities_of_one_process(tmp_path):
 
 
 def test_ddp_study_refuses_a_process_count_that_cannot_split_its_micro_batches():
-    from elmforest.budget import Budget, check_data_parallel
+    from elmforest.train.budget import Budget, check_data_parallel
 
     # 3 domains x 3 windows = 9 rows per dense micro-batch, 3 per expert micro-batch.
     budget = Budget(context=32, n_experts=3, batch_tokens=288, total_steps=10, seed_steps=5, warmup_steps=1,

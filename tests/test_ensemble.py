@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from elmforest.ensemble import (
+from elmforest.combine.ensemble import (
     POSTERIORS,
     Ensemble,
     cached_prior,
@@ -17,7 +17,7 @@ from elmforest.ensemble import (
     updating_logprobs,
 )
 from elmforest.errors import ElmError
-from elmforest.evaluate import eval_windows, perplexity, token_logprobs
+from elmforest.combine.evaluate import eval_windows, perplexity, token_logprobs
 
 VOCAB = 64
 

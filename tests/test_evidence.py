@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from elmforest.bootstrap import FAILS, HOLDS, UNCLEAR, Bootstrap, DomainDocs, compare, crossing, verdict
+from elmforest.combine.bootstrap import FAILS, HOLDS, UNCLEAR, Bootstrap, DomainDocs, compare, crossing, verdict
 from elmforest.errors import ElmError
-from elmforest.evaluate import document_sums, spread_windows
+from elmforest.combine.evaluate import document_sums, spread_windows
 
 EOS = 0
 

@@ -27,8 +27,9 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from _resume_child import PatternSampler
 from elmforest.config import ModelConfig
-from elmforest.models import ModelSpec, build_model, flops_per_token, measured_flops_per_token, resolve_spec
-from elmforest.training import TrainSpec, train
+from elmforest.models.factory import ModelSpec, build_model, flops_per_token, measured_flops_per_token, resolve_spec
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import train
 
 L, D, HEADS, VOCAB = 2, 64, 2, 300
 

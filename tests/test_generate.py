@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from elmforest.ensemble import Ensemble
+from elmforest.combine.ensemble import Ensemble
 from elmforest.errors import ElmError
-from elmforest.generate import generate
+from elmforest.combine.generate import generate
 
 VOCAB = 64
 PROMPT = [5, 17, 42, 8]

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _resume_child import PatternSampler
-from elmforest.ensemble import Ensemble, cached_prior
-from elmforest.evaluate import perplexity, token_logprobs
-from elmforest.models import ModelSpec, build_model, measured_flops_per_token
-from elmforest.training import TrainSpec, make_optimizer, train
+from elmforest.combine.ensemble import Ensemble, cached_prior
+from elmforest.combine.evaluate import perplexity, token_logprobs
+from elmforest.models.factory import ModelSpec, build_model, measured_flops_per_token
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import make_optimizer, train
 
 DEVICE = os.environ.get("ELMFOREST_GPU_TEST_DEVICE", "cuda")
 pytestmark = [

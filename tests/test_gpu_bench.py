@@ -1,6 +1,6 @@
 """Smoke test of bench/gpu.py on the CPU: `--quick --device cpu` prints its table, appends nothing.
 
-bench/gpu.py takes the GPU's peak FLOP/s from `elmforest.hardware`. Where that module is missing
+bench/gpu.py takes the GPU's peak FLOP/s from `elmforest.models.hardware`. Where that module is missing
 the script must stop with a message naming it; the rest of the script is then exercised with a
 stand-in reporting a 1 TFLOP/s peak (replaced by the real module as soon as it is importable).
 """
@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.md"
 STAND_IN = (
     "import sys, types\n"
-    "m = types.ModuleType('elmforest.hardware')\n"
+    "m = types.ModuleType('elmforest.models.hardware')\n"
     "m.peak_flops = lambda device, dtype=None: 1e12\n"
     "m.mfu = lambda flops_per_second, device, dtype=None: flops_per_second / 1e12\n"
-    "sys.modules['elmforest.hardware'] = m\n"
+    "sys.modules['elmforest.models.hardware'] = m\n"
 )
 RUN = (
     "import runpy, sys\n"
@@ -37,10 +37,10 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_gpu_bench_quick_on_cpu():
     before = RESULTS.read_bytes()
-    have_hardware = importlib.util.find_spec("elmforest.hardware") is not None
+    have_hardware = importlib.util.find_spec("elmforest.models.hardware") is not None
     if not have_hardware:
         missing = _run(RUN)
-        assert missing.returncode == 1 and "needs elmforest.hardware" in missing.stderr, missing.stderr[-2000:]
+        assert missing.returncode == 1 and "needs elmforest.models.hardware" in missing.stderr, missing.stderr[-2000:]
     proc = _run(RUN if have_hardware else STAND_IN + RUN)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     block = proc.stdout.split("## gpu (", 1)

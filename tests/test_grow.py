@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elmforest.averaging import average_state_dicts
-from elmforest.config import recipe_from_dict
-from elmforest.corpus import DomainSource, write_corpus
+from elmforest.combine.averaging import average_state_dicts
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.data.corpus import DomainSource, write_corpus
 from elmforest.errors import ElmError
-from elmforest.forest import Forest
+from elmforest.combine.forest import Forest
 
 WORDS = {
     "fruit": "apple banana cherry grape lemon mango melon orange papaya peach pear plum kiwi lime fig".split(),
@@ -70,7 +70,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def round1(corpus, tmp_path_factory):
     """A rounds study stopped after round 1 (the 'interrupted' run)."""
-    from elmforest.rounds import run_rounds
+    from elmforest.study.rounds import run_rounds
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("grow") / "run"
@@ -92,7 +92,7 @@ def test_round1_is_a_forest_of_round1_domains(round1):
 
 
 def test_grown_expert_starts_at_prior_weighted_average(round1, tmp_path):
-    from elmforest.growth import branch_grown_expert, choose_parents, expert_recipe, grow_expert
+    from elmforest.btm.growth import branch_grown_expert, choose_parents, expert_recipe, grow_expert
 
     recipe, out, _ = round1
     forest_dir = tmp_path / "forest"
@@ -135,7 +135,7 @@ def test_grown_expert_starts_at_prior_weighted_average(round1, tmp_path):
 
 
 def test_seed_init_copies_the_seed(round1, tmp_path):
-    from elmforest.growth import branch_grown_expert, expert_recipe
+    from elmforest.btm.growth import branch_grown_expert, expert_recipe
 
     recipe, out, _ = round1
     expert_dir = tmp_path / "space_seed"
@@ -148,7 +148,7 @@ def test_seed_init_copies_the_seed(round1, tmp_path):
 
 
 def test_removal_raises_the_removed_domains_perplexity(round1):
-    from elmforest.removal import removal_study, removal_table
+    from elmforest.study.removal import removal_study, removal_table
 
     recipe, out, _ = round1
     forest_dir = out / "rounds" / "1" / "forest"
@@ -165,7 +165,7 @@ def test_removal_raises_the_removed_domains_perplexity(round1):
 
 
 def test_rounds_resume_without_retraining(round1):
-    from elmforest.rounds import run_rounds
+    from elmforest.study.rounds import run_rounds
 
     recipe, out, _ = round1
     r1 = {d: (out / "experts" / d / "expert.json") for d in ("fruit", "motor", "ocean")}
@@ -199,11 +199,11 @@ def test_rounds_resume_without_retraining(round1):
 
 
 def test_cluster_router_ensemble(corpus, tmp_path):
-    from elmforest.cluster import ClusterModel, cluster_corpus
-    from elmforest.cluster_router import ClusterRouter
-    from elmforest.corpus import Corpus
-    from elmforest.compare import router_row, router_weights
-    from elmforest.study import run_study
+    from elmforest.cbtm.cluster import ClusterModel, cluster_corpus
+    from elmforest.cbtm.cluster_router import ClusterRouter
+    from elmforest.data.corpus import Corpus
+    from elmforest.study.compare import router_row, router_weights
+    from elmforest.study.run import run_study
 
     torch.set_num_threads(1)
     clustered = tmp_path / "clusters"
@@ -229,7 +229,7 @@ def test_cluster_router_ensemble(corpus, tmp_path):
     assert (tmp_path / "run" / "router.json").is_file()
     # the cache is keyed by the router's settings: top-1 routing is computed anew, not read back
     top1 = router_row(recipe, tmp_path / "run", clustered / "clusterer", log=lambda s: None, top_k=1)
-    from elmforest.cluster_router import DEFAULT_TEMPERATURE
+    from elmforest.cbtm.cluster_router import DEFAULT_TEMPERATURE
 
     assert top1["top_k"] == 1 and top1["temperature"] == DEFAULT_TEMPERATURE
     assert top1["cbtm_ensemble_router"]["train"] != row["train"]

@@ -1,4 +1,4 @@
-"""elmforest.hardware: peak FLOP/s from the datasheet table by GPU name, else a timed matmul."""
+"""elmforest.models.hardware: peak FLOP/s from the datasheet table by GPU name, else a timed matmul."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elmforest import hardware
+from elmforest.models import hardware
 
 
 @pytest.mark.parametrize(

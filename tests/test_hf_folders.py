@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from elmforest.averaging import average_folders
+from elmforest.combine.averaging import average_folders
 from elmforest.cli import main
-from elmforest.generate import generate
-from elmforest.models import ModelSpec, arch_hash, build_model, hf_config, load_model, save_model
-from elmforest.tokenizer import EOS, load_tokenizer
+from elmforest.combine.generate import generate
+from elmforest.models.factory import ModelSpec, arch_hash, build_model, hf_config, load_model, save_model
+from elmforest.data.tokenizer import EOS, load_tokenizer
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 

@@ -1,11 +1,11 @@
-"""The package's modules form layers: no import circle, counting imports inside functions too.
+"""The package's folders are its layers: imports go down the layer map, never up or round.
 
 A circle (a imports b, b imports a, perhaps through others) means two concepts that cannot be
 read, tested or reused apart; a function-level import only hides it from Python's import
-machinery, not from the reader. The graph is read from the source with `ast`, so it sees every
-`import elmforest.x` / `from elmforest(.x) import y` statement wherever it stands, except those
-under `if TYPE_CHECKING:` (a type named in annotations only: `launchers` takes a `LauncherConfig`
-while `config` checks `launcher.kind` against the `launchers` registry).
+machinery, and an import under `if TYPE_CHECKING:` only from the interpreter, not from the reader.
+The graph is read from the source with `ast`, so it sees every `import elmforest.x` /
+`from elmforest(.x) import y` statement wherever it stands, in functions and under
+`TYPE_CHECKING` alike, and `LAYERS` says which way each may point. No exception list.
 """
 
 from __future__ import annotations
@@ -38,14 +38,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        typing_only = {  # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
-            id(n) for block in ast.walk(tree)
-            if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-            for n in ast.walk(block)
-        }
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -88,13 +81,68 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers, lowest first: a module may import its own layer's modules and those of lower layers.
+# "core" is the modules directly in src/elmforest (errors, storage, console, config).
+LAYERS = ["core", "data", "models", "train", "launch", "combine", "btm", "cbtm", "mixtures", "study", "checks", "cli"]
+
+
+def layer_of(module: str, package: Path = PACKAGE) -> str:
+    """elmforest.train.loop -> "train"; elmforest.errors and elmforest itself -> "core"."""
+    parts = module.split(".")
+    if len(parts) == 1 or (package / parts[1]).with_suffix(".py").is_file():
+        return "core"
+    return parts[1]
+
+
+def upward_imports(graph: dict[str, set[str]], package: Path = PACKAGE) -> list[str]:
+    """Every `a -> b` where b's layer stands above a's in LAYERS (or is not in the map)."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            la, lb = layer_of(a, package), layer_of(b, package)
+            if la not in rank or lb not in rank or rank[lb] > rank[la]:
+                bad.append(f"{a} ({la}) -> {b} ({lb})")
+    return bad
+
+
 def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert len(graph) > 30 and "elmforest.commands.grow" in graph  # the whole package was read
-    assert "elmforest.phases" in graph["elmforest.study"]  # module-level imports are seen
-    assert "elmforest.rounds" in graph["elmforest.study"]  # and imports inside functions
+    assert len(graph) > 30 and "elmforest.cli.grow" in graph  # the whole package was read
+    assert "elmforest.btm.phases" in graph["elmforest.study.run"]  # module-level imports are seen
+    assert "elmforest.study.rounds" in graph["elmforest.study.run"]  # and imports inside functions
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_imports_follow_the_layer_map():
+    graph = import_graph(PACKAGE)
+    assert {layer_of(m) for m in graph} == set(LAYERS)  # every folder is a layer of the map, and each has modules
+    assert upward_imports(graph) == []
+
+
+def test_the_tree_shows_the_layers():
+    subpackages = [p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]
+    modules = [p for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    assert len(subpackages) >= 6 and len(modules) <= 8
+    for sub in subpackages:  # each folder says what it holds in a paragraph
+        doc = ast.get_docstring(ast.parse((sub / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and len(doc) > 80, f"{sub.name}/__init__.py needs a docstring"
+
+
+def test_an_upward_import_is_found_even_under_type_checking(tmp_path):
+    pkg = tmp_path / "elmforest"
+    for sub in ("data", "train"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "errors.py").write_text("")
+    (pkg / "train" / "loop.py").write_text("from elmforest.data import corpus\nfrom elmforest import errors\n")
+    (pkg / "data" / "corpus.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from elmforest.train.loop import x\n")
+    graph = import_graph(pkg)
+    assert graph["elmforest.data.corpus"] == {"elmforest.train.loop"}
+    assert upward_imports(graph, pkg) == ["elmforest.data.corpus (data) -> elmforest.train.loop (train)"]
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path):

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import _launcher_jobs as jobs
-from elmforest.config import LauncherConfig, recipe_from_dict
+from elmforest.config import LauncherConfig
+from elmforest.study.recipe import recipe_from_dict
 from elmforest.errors import ElmError
-from elmforest.launchers import LAUNCHERS, default_workers, run_jobs
+from elmforest.launch.launchers import LAUNCHERS, default_workers, run_jobs
 
 NAMES = ["alpha", "beta", "gamma"]
 

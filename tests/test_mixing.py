@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from elmforest.ensemble import POSTERIORS, Ensemble, Mixing, posterior_log_weights
+from elmforest.combine.ensemble import POSTERIORS, Ensemble, Mixing, posterior_log_weights
 from elmforest.errors import ElmError
-from elmforest.mixing import SEED_MEMBER, grid_candidates, mixture_nll, tune_mixing
+from elmforest.combine.mixing import SEED_MEMBER, grid_candidates, mixture_nll, tune_mixing
 
 
 def _lp(seed: int, shape=(3, 4, 6)) -> torch.Tensor:

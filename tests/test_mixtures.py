@@ -18,21 +18,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from cli_runner import run_cli
-from elmforest.budget import plan_budget, train_spec
-from elmforest import phases
-from elmforest.checkpoint import load_train_state
+from elmforest.train.budget import plan_budget, train_spec
+from elmforest.btm import phases
+from elmforest.models.checkpoint import load_train_state
 from elmforest.cli import main
-from elmforest.config import recipe_from_dict
-from elmforest.corpus import Corpus
-from elmforest.demix import domain_mlps, load_demix
-from elmforest.evaluate import token_logprobs
-from elmforest.forest import Forest
-from elmforest.mixtures import build_moe, demix_optimizer_state, mix_forest, train_demix
-from elmforest.models import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
-from elmforest.scoring import domain_windows
-from elmforest.tokenizer import tokenizer_hash, train_tokenizer
-from elmforest.training import lr_at, make_optimizer
-from elmforest.training_state import read_metrics
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.data.corpus import Corpus
+from elmforest.mixtures.demix import domain_mlps, load_demix
+from elmforest.combine.evaluate import token_logprobs
+from elmforest.combine.forest import Forest
+from elmforest.mixtures.stages import build_moe, demix_optimizer_state, mix_forest, train_demix
+from elmforest.models.factory import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
+from elmforest.combine.scoring import domain_windows
+from elmforest.data.tokenizer import tokenizer_hash, train_tokenizer
+from elmforest.train.loop import lr_at, make_optimizer
+from elmforest.train.state import read_metrics
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 torch.set_num_threads(1)
@@ -128,7 +128,7 @@ def test_btx_row_counts_its_extra_fine_tuning(llama_study):
 def test_btx_arm_rebuilds_when_asked_to_fine_tune_every_parameter(llama_study, tmp_path):
     """arms.btx_train_all: the finished router-only RUN/btx is rebuilt with every parameter trained;
     the same settings again reuse it."""
-    from elmforest.mixtures import build_btx
+    from elmforest.mixtures.stages import build_btx
 
     recipe, out, _ = llama_study
     run = tmp_path / "run"

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _resume_child import VOCAB, tiny_model_spec
-from elmforest.checkpoint import (
+from elmforest.models.checkpoint import (
     load_train_state,
     save_train_state,
     save_weights,
@@ -19,7 +19,7 @@ from elmforest.checkpoint import (
 )
 from elmforest.config import ModelConfig
 from elmforest.errors import ElmError
-from elmforest.models import (
+from elmforest.models.factory import (
     SIZES,
     ModelSpec,
     arch_hash,

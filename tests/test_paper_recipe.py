@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from elmforest.cli import main
-from elmforest.config import load_recipe
-from elmforest.models import build_model, flops_per_token, non_embedding_params, resolve_spec
-from elmforest.budget import plan_budget
+from elmforest.study.recipe import load_recipe
+from elmforest.models.factory import build_model, flops_per_token, non_embedding_params, resolve_spec
+from elmforest.train.budget import plan_budget
 from paperdata import make_paper_corpus
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper-125m.yaml"

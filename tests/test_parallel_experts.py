@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import _expert_jobs
-from elmforest.checkpoint import load_train_state
-from elmforest.config import LauncherConfig, recipe_from_dict
-from elmforest.launchers import run_jobs
-from elmforest.phases import branch_expert, expert_job, seed_dir, train_expert, train_seed
+from elmforest.models.checkpoint import load_train_state
+from elmforest.config import LauncherConfig
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.launch.launchers import run_jobs
+from elmforest.btm.phases import branch_expert, expert_job, seed_dir, train_expert, train_seed
 from tinydata import make_corpus, tiny_recipe
 
 DOMAINS = ["animals", "code"]

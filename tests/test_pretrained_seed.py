@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from elmforest.cli import main
-from elmforest.config import recipe_from_dict
-from elmforest.corpus import Corpus
-from elmforest.phases import initial_model, model_context, prepare_tokenizer
-from elmforest.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.data.corpus import Corpus
+from elmforest.btm.phases import initial_model, model_context, prepare_tokenizer
+from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from tinydata import make_corpus, tiny_recipe, write_recipe
 
 GPT2_CONTEXT, LLAMA_CONTEXT, LLAMA_ROWS = 32, 64, 384

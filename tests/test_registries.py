@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmforest.config import recipe_from_dict
-from elmforest.ensemble import POSTERIORS, Ensemble, Mixing, posterior_log_weights
+from elmforest.study.recipe import recipe_from_dict
+from elmforest.combine.ensemble import POSTERIORS, Ensemble, Mixing, posterior_log_weights
 from elmforest.errors import ElmError
-from elmforest.methods import STUDY_METHODS, Sizes, method_names_help, study_methods
+from elmforest.study.methods import STUDY_METHODS, Sizes, method_names_help, study_methods
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -88,4 +88,4 @@ def test_readme_lists_every_study_method_as_the_registry_prints_it():
     text = README.read_text(encoding="utf-8")
     block = re.search(r"<!-- study-methods:start -->\n(.*?)\n<!-- study-methods:end -->", text, re.S)
     assert block, "README.md lacks the generated list of study methods"
-    assert block.group(1) == method_names_help(), "regenerate it with: python -m elmforest.methods"
+    assert block.group(1) == method_names_help(), "regenerate it with: python -m elmforest.study.methods"

@@ -1,4 +1,4 @@
-"""elmforest.remote: expert folders pushed to and pulled from an fsspec URL."""
+"""elmforest.launch.remote: expert folders pushed to and pulled from an fsspec URL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from elmforest import remote
+from elmforest.launch import remote
 from elmforest.errors import ElmError
 
 

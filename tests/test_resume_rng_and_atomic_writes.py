@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from _resume_child import PatternSampler, tiny_train_spec
 from elmforest import storage
-from elmforest.training import train
+from elmforest.train.loop import train
 
 
 def dropout_model() -> GPT2LMHeadModel:

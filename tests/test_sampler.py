@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elmforest.errors import ElmError
-from elmforest.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
+from elmforest.data.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
 
 BLOCK = 8
 

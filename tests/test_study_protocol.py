@@ -14,11 +14,11 @@ import torch
 
 from cli_runner import run_cli
 from elmforest.cli import main
-from elmforest.config import load_recipe
-from elmforest.corpus import Corpus
-from elmforest.mixing import tune_mixing
-from elmforest.models import load_model
-from elmforest.scoring import split_windows
+from elmforest.study.recipe import load_recipe
+from elmforest.data.corpus import Corpus
+from elmforest.combine.mixing import tune_mixing
+from elmforest.models.factory import load_model
+from elmforest.combine.scoring import split_windows
 from tinydata import _WORDS, _document, make_corpus, tiny_recipe, write_recipe
 
 ALPHA = 0.9  # not the default 0.3: a study that ignored eval.prior_alpha would get another prior
@@ -173,7 +173,7 @@ def test_a_method_missing_from_the_cache_is_rescored_and_an_unscorable_one_is_na
     assert json.loads(path.read_text())["nll"]["btm_average_posterior"] == pytest.approx(value, abs=1e-7)
 
     from elmforest.errors import ElmError
-    from elmforest.results import evaluate_study
+    from elmforest.study.results import evaluate_study
 
     copy = tmp_path / "run"
     shutil.copytree(out, copy)

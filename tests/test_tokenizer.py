@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 
-from elmforest import tokens as tokens_mod
+from elmforest.data import tokens as tokens_mod
 from elmforest.cli import main
-from elmforest.corpus import Corpus, DomainSource, write_corpus
+from elmforest.data.corpus import Corpus, DomainSource, write_corpus
 from elmforest.errors import ElmError
-from elmforest.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
-from elmforest.tokens import cache_paths, cached_token_count, token_array
+from elmforest.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
+from elmforest.data.tokens import cache_paths, cached_token_count, token_array
 
 WORDS = {
     "prose": "the a cat dog sat ran on under house garden quickly slowly and but".split(),

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from _resume_child import BLOCK, ROWS, PatternSampler, tiny_model_spec, tiny_train_spec
-from elmforest.checkpoint import load_train_state
+from elmforest.models.checkpoint import load_train_state
 from elmforest.errors import ElmError
-from elmforest.models import build_model, flops_per_token, load_model, non_embedding_params
-from elmforest.training import TrainSpec, lr_at, train
-from elmforest.training_state import read_metrics
+from elmforest.models.factory import build_model, flops_per_token, load_model, non_embedding_params
+from elmforest.train.spec import TrainSpec
+from elmforest.train.loop import lr_at, train
+from elmforest.train.state import read_metrics
 
 torch.set_num_threads(1)
 CHILD = Path(__file__).with_name("_resume_child.py")
@@ -248,7 +249,7 @@ def test_models_train_with_sdpa_attention_and_log_mfu(tmp_path):
     assert model.config._attn_implementation == "sdpa"
     rows = read_metrics(tmp_path / "metrics.jsonl")
     # MFU = FLOPs in the interval / its seconds / peak; tokens/s is over the same interval.
-    from elmforest.hardware import peak_flops
+    from elmforest.models.hardware import peak_flops
 
     for prev, row in zip([{"flops": 0, "tokens": 0}] + rows, rows):
         seconds = (row["tokens"] - prev["tokens"]) / row["tokens_per_s"]
@@ -260,7 +261,7 @@ def test_fused_adamw_takes_a_state_saved_unfused(tmp_path):
     """The loop's CUDA path: AdamW fused, fed a state saved by the unfused optimizer (e.g. the
     seed trained on CPU). Fused AdamW also runs on CPU, so the step counters' move and the update
     are checked here: one fused step equals one unfused step."""
-    from elmforest.training import _apply_spec_to_optimizer, make_optimizer
+    from elmforest.train.loop import _apply_spec_to_optimizer, make_optimizer
 
     spec = tiny_train_spec(total_steps=4)
     run(tmp_path, total_steps=4, stop_at_step=2)

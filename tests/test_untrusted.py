@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmforest.corpus import check_domain_name
-from elmforest.corpus_import import import_sources
+from elmforest.data.corpus import check_domain_name
+from elmforest.data.corpus_import import import_sources
 from elmforest.errors import ElmError
-from elmforest.forest import Forest, read_expert
-from elmforest.models import ModelSpec, build_model, load_model, save_model
+from elmforest.combine.forest import Forest, read_expert
+from elmforest.models.factory import ModelSpec, build_model, load_model, save_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "elmforest"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from elmforest.corpus import DomainSource, write_corpus
+from elmforest.data.corpus import DomainSource, write_corpus
 
 _WORDS = {
     "animals": "the cat dog bird fox owl sat ran flew slept on under near a mat log tree roof".split(),

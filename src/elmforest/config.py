@@ -113,20 +113,11 @@ class EvalConfig(_Strict):
         "valid split (eval.window_seed).",
     )
 
-    @field_validator("posterior")
-    @classmethod
-    def _known_posterior(cls, v: str) -> str:
-        from elmforest.ensemble import UPDATING_POSTERIORS  # the registry (imports torch: only when validating)
-
-        if v not in UPDATING_POSTERIORS:
-            raise ValueError(f"unknown posterior {v!r}; choose one of {', '.join(UPDATING_POSTERIORS)}")
-        return v
-
 
 class LauncherConfig(_Strict):
     """Where expert trainings run."""
 
-    kind: str = Field("local", description="A launcher of elmforest.launchers.LAUNCHERS: sequential, local, ray, slurm.")
+    kind: str = Field("local", description="A launcher of elmforest.launch.launchers.LAUNCHERS: sequential, local, ray, slurm.")
     workers: int | None = Field(None, gt=0, description="Parallel expert trainings (local); default from cores.")
     threads_per_worker: int | None = Field(None, gt=0)
     retries: int = Field(2, ge=0, description="Retries of a failed expert training, resuming its checkpoint.")
@@ -144,15 +135,6 @@ class LauncherConfig(_Strict):
         1, ge=1, description="Processes training each model data-parallel (torch.distributed): every expert, "
         "and in `elmforest run` also the seed/dense and DEMix runs."
     )
-
-    @field_validator("kind")
-    @classmethod
-    def _known_launcher(cls, v: str) -> str:
-        from elmforest.launchers import LAUNCHERS  # (launchers imports this module)
-
-        if v not in LAUNCHERS:
-            raise ValueError(f"unknown launcher {v!r}; choose one of {', '.join(LAUNCHERS)}")
-        return v
 
 
 class ArmsConfig(_Strict):

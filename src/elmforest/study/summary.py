@@ -1,0 +1,271 @@
+"""results.json: every method's perplexities with 95% intervals, the claims the report reads, and
+how much compute a dense model needs to match the forest.
+
+Inputs are the per-domain evaluations (`results.evaluate_study`, one per training seed) and the
+run folders (training FLOPs and tokens of every arm). Perplexities are per domain; a part's mean
+(train domains, novel domains) is the geometric mean over its domains; with several seeds every
+number is the geometric mean over seeds, and the intervals resample seeds as well as documents
+(`elmforest.combine.bootstrap`). Each claim in `CLAIMS` whose two methods ran becomes a row of
+`comparisons`: the perplexity ratio a/b, its 95% interval and the verdict read from it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from elmforest.train.budget import Budget
+from elmforest.mixtures import stages as mixtures
+from elmforest.btm import phases
+from elmforest.combine.bootstrap import Bootstrap, DomainDocs, compare, compute_to_match
+from elmforest.config import Recipe
+from elmforest.errors import ElmError
+from elmforest.combine.forest import Forest, read_json
+from elmforest.study.methods import Sizes, dense_multiple_name, study_methods
+from elmforest.study.results import forest_folders
+from elmforest.train.state import read_metrics
+
+# (a, b, claim): "a beats b", read on train and novel domains when both methods ran.
+CLAIMS: list[tuple[str, str, str]] = [
+    ("btm_ensemble_cached", "dense", "BTM's cached-prior ensemble beats the compute-matched dense LM"),
+    ("btm_ensemble_tuned", "dense", "BTM's ensemble with mixing tuned on validation data beats the dense LM"),
+    ("btm_ensemble_tuned", "btm_ensemble_cached", "Mixing tuned on validation data beats the plain cached-prior ensemble"),
+    ("btm_average_posterior", "dense", "Posterior-weighted averaging (one model's inference cost) beats dense"),
+    ("btm_average_posterior", "btm_average_uniform", "Posterior-weighted averaging beats uniform averaging"),
+    ("btm_ensemble_cached", "random_ensemble_cached", "Domain splits beat random (domain-balanced) splits"),
+    ("btm_ensemble_cached", "btm_ensemble_cached_full_prefix", "The one-step posterior beats the paper's full-prefix one"),
+    ("btm_ensemble_cached", "demix_cached", "BTM beats DEMix at equal compute"),
+    ("btx", "dense", "BTX beats the dense LM (with its extra fine-tuning compute)"),
+    ("anchored_moe", "dense", "The anchored opt-out mixture-of-experts beats the dense LM (with its extra compute)"),
+    ("anchored_moe", "btm_ensemble_cached", "The anchored opt-out mixture-of-experts beats BTM's cached-prior ensemble"),
+    ("anchored_moe_router_tuned", "anchored_moe", "Tuning the anchored mixture's router rows helps"),
+]
+
+
+def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]], list[str], dict[str, int | None]]:
+    """Tokens and training FLOPs of every trained arm of one run folder -> (arms, notes, sizes).
+
+    sizes: parameters of the mixtures (demix, btx) at inference, from their metadata."""
+    seed = read_json(out / "seed" / "seed.json", "seed.json")
+    arms: dict[str, dict[str, float]] = {"seed": {"tokens": seed["tokens"], "flops": seed["flops"]}}
+    if recipe.arms.dense:
+        dense = read_json(out / "dense" / "dense.json", "dense.json")
+        arms["dense"] = {"tokens": dense["tokens"], "flops": dense["flops"]}
+        for k in recipe.arms.dense_multiples:
+            d = read_json(phases.dense_multiple_dir(out, k) / phases.DENSE_MULTIPLE_JSON, phases.DENSE_MULTIPLE_JSON)
+            arms[dense_multiple_name(k)] = {"tokens": d["tokens"], "flops": d["flops"]}
+    for arm, folder in forest_folders(recipe, out).items():
+        if (folder / "forest.json").is_file():
+            f = Forest(folder)
+            # a forest's compute: its seed's (the snapshot it branched from) plus every expert's
+            branched = read_json(folder.parent / "seed" / "seed.json", "seed.json")  # RUN/seed, RUN/sweep/seed<f>/seed
+            arms[arm] = {
+                "tokens": branched["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
+                "flops": branched["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names),
+            }
+    notes: list[str] = []
+    sizes: dict[str, int | None] = {"demix": None, "btx": None, "anchored": None}
+    demix_run = mixtures.demix_dir(out) / mixtures.DEMIX_RUN_JSON
+    if recipe.arms.demix and demix_run.is_file():
+        d = read_json(demix_run, mixtures.DEMIX_RUN_JSON)
+        arms["demix"] = {"tokens": d["seed_tokens"] + d["tokens"], "flops": d["seed_flops"] + d["flops"]}
+        sizes["demix"] = d["params"]
+        notes.append(
+            "DEMix (`demix_cached`) counts its shared weights plus all n domain MLPs as parameters at inference: "
+            "the cached-prior mixture runs every domain's MLPs, after n single-domain passes for the posterior."
+        )
+    mix_json = mixtures.btx_dir(out) / mixtures.MIX_JSON
+    if recipe.arms.btx and mix_json.is_file() and "btm" in arms:
+        m = read_json(mix_json, mixtures.MIX_JSON)
+        ft = m["finetune"]
+        arms["btx"] = {"tokens": arms["btm"]["tokens"] + ft["tokens"], "flops": arms["btm"]["flops"] + ft["flops"]}
+        sizes["btx"] = m["params"]
+        notes.append(
+            f"BTX (`btx`) is not compute-matched: its training FLOPs are the BTM forest's ({arms['btm']['flops']:.3e}) "
+            f"plus {ft['flops']:.3e} for fine-tuning on {ft['tokens']:,} tokens (arms.btx_tokens; each token runs "
+            f"the top-{m['top_k']} MoE forward and backward). Its parameters at inference count every expert MLP "
+            f"and router; {m['top_k']} of {len(m['experts'])} MLPs run per token."
+        )
+    moe_json = out / "anchored_moe" / "anchored_moe.json"
+    if recipe.arms.anchored and moe_json.is_file():
+        m = read_json(moe_json, "anchored_moe.json")
+        arms["anchored"] = {"tokens": m["train"]["tokens"], "flops": m["train"]["flops"]}
+        sizes["anchored"] = m["params"]
+        ratio = m["train"]["flops"] / arms["btm"]["flops"] if "btm" in arms else None
+        notes.append(
+            f"The anchored mixture (`anchored_moe`) is not compute-matched: each anchored expert's forward runs the "
+            f"frozen seed FFN beside its trainable copy (and the backward flows through the frozen parts), so its "
+            f"training FLOPs are {m['train']['flops']:.3e}"
+            + (f", {ratio:.2f}x the BTM forest's" if ratio else "")
+            + f" (counted per token from the formula checked against FlopCounterMode). {m['top_k']} of "
+            f"{len(m['experts'])} FFN experts run per token; its parameters at inference count all of them."
+        )
+        tuned_json = out / "anchored_moe_router_tuned" / "anchored_moe.json"
+        if recipe.arms.anchored_router_tokens and tuned_json.is_file():
+            t = read_json(tuned_json, "anchored_moe.json")["router_tuning"]
+            arms["anchored_router_tuned"] = {"tokens": arms["anchored"]["tokens"] + t["tokens"],
+                                             "flops": arms["anchored"]["flops"] + t["flops"]}
+            notes.append(f"`anchored_moe_router_tuned` adds {t['tokens']:,} tokens ({t['flops']:.3e} FLOPs) of router "
+                         "tuning on a domain-balanced sample: only the router rows train.")
+    return arms, notes, sizes
+
+
+def curves(out: Path, forest_dirs: list[Path]) -> dict[str, list[tuple[float, float]]]:
+    """Valid perplexity against cumulative training FLOPs for dense and for the BTM forest.
+
+    BTM's point at step s: the seed's FLOPs plus every expert's FLOPs up to s, and the geometric
+    mean over domains of each expert's valid perplexity on its own domain (oracle routing)."""
+    dense = [r for r in read_metrics(out / "dense" / "metrics.jsonl") if "valid_loss" in r]
+    result: dict[str, list[tuple[float, float]]] = {"dense": [(r["flops"], math.exp(r["valid_loss"])) for r in dense]}
+    seed = read_json(out / "seed" / "seed.json", "seed.json")
+    per_expert = [{r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "valid_loss" in r} for d in forest_dirs]
+    if per_expert:
+        steps = sorted(set.intersection(*(set(r) for r in per_expert)))
+        btm = []
+        for s in steps:
+            flops = seed["flops"] + sum(rows[s]["flops"] for rows in per_expert)
+            loss = sum(rows[s]["valid_loss"] for rows in per_expert) / len(per_expert)
+            btm.append((flops, math.exp(loss)))
+        seed_points = [p for p in result["dense"] if p[0] <= seed["flops"] * 1.0001]
+        result["btm (each expert on its own domain)"] = seed_points + btm
+    return result
+
+
+def domain_docs(scores: dict[int, dict[str, dict[str, Any]]], domain: str, methods: list[str]) -> DomainDocs:
+    """One domain's per-document NLL sums, every seed's, as the bootstrap wants them."""
+    seeds = list(scores)
+    first = scores[seeds[0]][domain]
+    for s in seeds[1:]:
+        if scores[s][domain]["doc_ids"] != first["doc_ids"]:
+            raise ElmError(f"seed {s} scored other test documents of {domain!r} than seed {seeds[0]}; re-run the evaluation")
+    tables = {m: np.array([scores[s][domain]["doc_nll"][m] for s in seeds], dtype=np.float64) for m in methods}
+    return DomainDocs(np.array(first["doc_tokens"], dtype=np.float64), tables)
+
+
+def _ci_map(boot: Bootstrap, method: str, domains: list[str]) -> dict[str, list[float]]:
+    return {d: boot.domain_ci(method, d) for d in domains}
+
+
+def assemble_results(
+    recipe: Recipe,
+    runs: dict[int, Path],
+    scores: dict[int, dict[str, dict[str, Any]]],
+    budget: Budget,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """results.json of a study over the training seeds `runs` ({seed: run folder}), from their evaluations."""
+    from elmforest.models.factory import load_model
+    from elmforest.models.factory import param_count
+
+    seeds = list(runs)
+    first = runs[seeds[0]]
+    methods = [m.name for m in study_methods(recipe)]
+    train_d, novel_d = list(recipe.train_domains), list(recipe.novel_domains)
+    all_d = [*train_d, *novel_d]
+    docs = {d: domain_docs(scores, d, [*methods, "unigram"]) for d in all_d}
+    boot = Bootstrap(docs, {"train": train_d, "novel": novel_d}, recipe.eval.bootstrap_resamples, recipe.eval.window_seed)
+
+    arms, notes, mixture_sizes = arm_budgets(recipe, first)
+    s0 = scores[seeds[0]]
+    tuned_members = max((len(s0[d]["priors"].get("btm_tuned", {}).get("experts", {})) for d in all_d), default=0)
+    sizes = Sizes(
+        model=param_count(load_model(first / "seed")),
+        n_experts=len(train_d),
+        demix=mixture_sizes["demix"],
+        btx=mixture_sizes["btx"],
+        anchored=mixture_sizes["anchored"],
+        extra={"btm_ensemble_tuned": tuned_members or len(train_d)},
+    )
+    results: dict[str, Any] = {}
+    for m in study_methods(recipe):
+        results[m.name] = _row(boot, m.name, train_d, novel_d)
+        results[m.name].update(train_flops=arms.get(m.arm, {}).get("flops"), inference_params=m.params(sizes))
+        if m.valid is not None:  # validation perplexity: for choosing settings (e.g. the seed fraction) without test data
+            for part, ds in (("train", train_d), ("novel", novel_d)):
+                vals = [statistics.fmean(scores[s][d]["valid_nll"][m.name] for s in seeds) for d in ds]
+                results[m.name][f"valid_{part}_mean"] = math.exp(statistics.fmean(vals)) if vals else None
+        if len(seeds) > 1:
+            per = [_seed_means(scores[s], m.name, train_d, novel_d) for s in seeds]
+            for part in ("train", "novel"):
+                vals = [p[f"{part}_mean"] for p in per if p[f"{part}_mean"] is not None]
+                results[m.name][f"{part}_mean_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+    results["unigram"] = _row(boot, "unigram", train_d, novel_d)
+    comparisons = []
+    for a, b, claim in CLAIMS:
+        if a in methods and b in methods:
+            comparisons += compare(boot, a, b, claim)
+    results["comparisons"] = comparisons
+    if recipe.arms.dense and recipe.arms.dense_multiples and "btm_ensemble_cached" in methods:
+        dense = {1.0: "dense", **{k: dense_multiple_name(k) for k in recipe.arms.dense_multiples}}
+        results["compute_to_match"] = {
+            part: compute_to_match(boot, "btm_ensemble_cached", dense, part)
+            for part in ("train", "novel")
+            if (train_d if part == "train" else novel_d)
+        }
+    results["priors"] = {  # {arm: {domain: {member: weight}}}: distributions over each mixture's members
+        arm: {d: s0[d]["priors"][arm]["experts"] for d in all_d}
+        for arm in ("btm", "random", "demix", "btm_tuned")
+        if all(arm in s0[d]["priors"] for d in all_d)
+    }
+    if "btm_tuned" in results["priors"]:  # what the tuned ensemble chose on validation data, per domain
+        results["mixing"] = {
+            "btm_tuned": {d: {k: v for k, v in s0[d]["priors"]["btm_tuned"].items() if k != "experts"} for d in all_d}
+        }
+    results["budget"] = {
+        "total_tokens": recipe.budget.total_tokens,
+        "batch_tokens": budget.batch_tokens,
+        "expert_batch_tokens": budget.expert_batch_tokens,
+        "total_steps": budget.total_steps,
+        "seed_steps": budget.seed_steps,
+        "context": budget.context,
+        "arms": arms,
+        "eval_tokens_per_domain": {d: s0[d]["tokens"] for d in all_d},
+        "eval_documents_per_domain": {d: s0[d]["documents"] for d in all_d},
+        "split_documents_per_domain": {d: s0[d]["split_documents"] for d in all_d},
+        "prior_windows_per_domain": {d: s0[d]["valid_windows"] for d in all_d},
+        "bootstrap_resamples": recipe.eval.bootstrap_resamples,
+    }
+    opt_out = {}
+    for d in recipe.arms.opt_out:  # removing a domain after training: the first seed's run
+        rows = {"btm_ensemble_cached": first / f"forget_{d}.json", "anchored_moe": first / f"anchored_moe_optout_{d}.json"}
+        opt_out[d] = {m: read_json(f, f.name) for m, f in rows.items() if f.is_file()}
+    if opt_out:
+        results["opt_out"] = opt_out
+    results["seeds"] = seeds
+    results["per_seed"] = {str(s): {m: _seed_means(scores[s], m, train_d, novel_d) for m in methods} for s in seeds}
+    if (first / "forest" / "forest.json").is_file():
+        results["curves"] = curves(first, [first / "experts" / n for n in Forest(first / "forest").names])
+    if notes:
+        results["notes"] = notes
+    results["timing"] = timing
+    results["recipe"] = recipe.model_dump(mode="json")
+    return results
+
+
+def _row(boot: Bootstrap, method: str, train_d: list[str], novel_d: list[str]) -> dict[str, Any]:
+    def ppl(x: float | None) -> float | None:
+        return None if x is None else math.exp(x)
+
+    return {
+        "train": {d: math.exp(boot.domain_point(method, d)) for d in train_d},
+        "novel": {d: math.exp(boot.domain_point(method, d)) for d in novel_d},
+        "train_mean": ppl(boot.part_point(method, "train")),
+        "novel_mean": ppl(boot.part_point(method, "novel")),
+        "train_mean_ci": boot.part_ci(method, "train"),
+        "novel_mean_ci": boot.part_ci(method, "novel"),
+        "train_ci": _ci_map(boot, method, train_d),
+        "novel_ci": _ci_map(boot, method, novel_d),
+    }
+
+
+def _seed_means(scores: dict[str, dict[str, Any]], method: str, train_d: list[str], novel_d: list[str]) -> dict[str, float | None]:
+    """One seed's geometric-mean perplexities (train, novel) of a method."""
+
+    def mean(ds: list[str]) -> float | None:
+        return math.exp(sum(scores[d]["nll"][method] for d in ds) / len(ds)) if ds else None
+
+    return {"train_mean": mean(train_d), "novel_mean": mean(novel_d)}
