@@ -224,6 +224,65 @@ def test_finetune_adds_the_load_balancing_loss_to_the_gradient(tmp_path):
         torch.testing.assert_close(step, -lr * g / (g.abs() + 1e-8), atol=2e-6, rtol=0)
 
 
+def _switch_loss_by_hand(moe, batch, coef):
+    """CE + coef * n * sum_i f_i * P_i of one forward, the router logits recomputed from each gate's
+    input: P_i the mean router probability of expert i, f_i the fraction of tokens with i among their
+    top-k, both over every layer's tokens pooled (Switch Transformer's load balancing, top-k form).
+    Returns (ce, aux, router gradients by name)."""
+    inputs = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o: inputs.append((m, a[0]))) for layer in moe.model.layers]
+    out = moe(input_ids=batch[:, :-1])
+    for h in hooks:
+        h.remove()
+    n, k = moe.config.num_local_experts, moe.config.num_experts_per_tok
+    logits = torch.cat([h.reshape(-1, H) @ gate.weight.T for gate, h in inputs])  # [layers * tokens, n]
+    probs = logits.float().softmax(-1)
+    chosen = torch.zeros_like(probs).scatter_(1, probs.topk(k, dim=-1).indices, 1.0)  # 1 where i is in the top-k
+    aux = n * (chosen.mean(0) * probs.mean(0)).sum()
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+    (ce + coef * aux).backward()
+    return ce, aux, {name: p.grad.clone() for name, p in moe.named_parameters() if name.endswith(".mlp.gate.weight")}
+
+
+def test_finetune_step_gradient_is_ce_plus_the_load_balancing_loss_by_hand(tmp_path):
+    """The loop's gradient on the routers in one fine-tune step equals d(CE + coef * aux)/d(router),
+    aux computed by hand; the logged loss is the CE alone."""
+    experts = _good_and_bad_experts() + [llama(5)]
+    coef = 0.5
+    batch = CountingSampler().next_batch()
+    ce, aux, want = _switch_loss_by_hand(mix_experts(experts, top_k=2).train(), batch, coef)
+    _, _, ce_only = _switch_loss_by_hand(mix_experts(experts, top_k=2).train(), batch, 0.0)
+    assert 2.0 < aux.item() < 3.0  # 3 experts, top-2: balanced routing gives n * n * (k/n) * (1/n) = k = 2
+    moe = mix_experts(experts, top_k=2)
+    seen = {}
+    for name, p in moe.named_parameters():
+        if name.endswith(".mlp.gate.weight"):
+            p.register_hook(lambda g, name=name: seen.setdefault(name, g.clone()))
+    finetune_router(moe, CountingSampler(), router_spec(1, 1e-3), tmp_path / "ft", context=16, aux_loss_coef=coef)
+    assert seen.keys() == want.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(seen[name], g, atol=1e-7, rtol=1e-5)
+        assert (g - ce_only[name]).abs().max() > 1e-4  # the aux term is visible in the gradient
+    assert read_metrics(tmp_path / "ft" / "metrics.jsonl")[0]["loss"] == round(float(ce), 6)
+
+
+def test_finetune_metrics_count_the_moe_flops_not_the_dense_formula(tmp_path):
+    """metrics.jsonl's flops (and so its MFU) are the fine-tune's own figure: 2 (routers) or 3
+    (everything) x the MoE's forward per token, not the dense formula on the Mixtral's config,
+    which counts all n expert MLPs on every token."""
+    for train_all, passes in ((False, 2), (True, 3)):
+        moe = mix_experts([llama(0), llama(1), llama(2)], top_k=2)
+        out = tmp_path / f"ft{passes}"
+        info = finetune_router(moe, CountingSampler(rows=2), router_spec(3, 1e-3), out, context=16, train_all=train_all)
+        rows = read_metrics(out / "metrics.jsonl")
+        tokens = 3 * 2 * 16
+        assert info["tokens"] == rows[-1]["tokens"] == tokens
+        assert rows[-1]["flops"] == info["flops"] == passes * moe_flops_per_token(moe, 16)["moe"] * tokens
+        assert json.loads((out / "train.json").read_text())["result"]["flops"] == info["flops"]
+        assert rows[-1]["flops"] != flops_per_token(moe.config, 16) * tokens
+        assert [r["flops"] for r in rows] == [passes * moe_flops_per_token(moe, 16)["moe"] * 2 * 16 * s for s in (1, 2, 3)]
+
+
 def test_finetune_train_all_moves_everything(tmp_path):
     moe = mix_experts(_good_and_bad_experts(), top_k=2)
     before = moe.state_dict()["model.embed_tokens.weight"].clone()

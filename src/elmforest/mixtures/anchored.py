@@ -43,6 +43,7 @@ Compute: `anchored_flops` (`elmforest.mixtures.anchored_flops`) counts what one 
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ from transformers import MixtralForCausalLM, PreTrainedModel
 from elmforest.train.budget import plan_budget, resolve_device
 from elmforest import __version__, storage
 from elmforest.mixtures import btx
+from elmforest.mixtures.anchored_flops import step_flops_per_token
 from elmforest.btm import phases
 from elmforest.launch import remote
 from elmforest.models.checkpoint import save_weights, write_safetensors
@@ -278,7 +280,11 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
     check_llama(seed, job["seed_checkpoint"])
     rows = load_file(str(expert_dir / ROUTER_INIT))
     model = anchor(seed, rows["seed"], rows["domain"])
-    result = train(model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress)
+    # metrics.jsonl counts the anchored expert's training FLOPs per token, anchored.json's "flops" figure.
+    per_token = functools.partial(step_flops_per_token, model.config, anchored=True, convention="kaplan")
+    result = train(
+        model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress, flops_per_token=per_token
+    )
 
     model.cpu()
     moe = to_mixtral(model)

@@ -7,7 +7,8 @@ After BTM has trained n llama-family experts, BTX builds one sparse mixture-of-e
     the experts' (uniform by default), as in BTM parameter averaging;
   - a new router per layer (`mlp.gate`, a bias-free [n, hidden] linear map) starts small and
     random, and is then fine-tuned (`finetune_router`), with Mixtral's load-balancing loss,
-    through the one training loop (`training.train`): resumable and bit-identical on resume.
+    through the one training loop (`train.loop.train`, the aux loss its extra loss term, the MoE's
+    own FLOPs per token its count): resumable and bit-identical on resume.
 
 Mixtral's expert MLP is exactly Llama's:  down(act(gate(h)) * up(h))  (w1=gate, w3=up, w2=down
 in Mixtral's old naming). In transformers 5.x the experts are stored fused, one 3-D tensor per
@@ -28,8 +29,7 @@ loads a MixtralForCausalLM.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 from elmforest import storage
 from elmforest.errors import ElmError, require
 from elmforest.models.factory import non_embedding_params
-from elmforest.train.spec import TrainSpec
+from elmforest.train.spec import ExtraLoss, FlopsPerToken, TrainSpec
 from elmforest.train.loop import train
 from elmforest.train.state import read_metrics
 
@@ -210,50 +210,30 @@ def moe_flops_per_token(moe: MixtralForCausalLM, context: int) -> dict[str, int]
     return {"moe": 2 * n_moe + attention_scores, "dense_expert": 2 * n_dense + attention_scores}
 
 
-class _AddToLoss(torch.autograd.Function):
-    """Identity on `logits`; its backward also hands `extra` the gradient `scale`, exactly as if
-    `scale * extra` had been added to the loss that is back-propagated through the logits."""
+def load_balancing(coef: float) -> ExtraLoss | None:
+    """`coef` x Mixtral's load-balancing loss as the training loop's extra loss term (None for 0).
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, extra: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
-
-
-@contextlib.contextmanager
-def load_balancing(moe: MixtralForCausalLM, scale: float) -> Iterator[None]:
-    """While active, every gradient-enabled forward of `moe` adds `scale` x Mixtral's load-balancing
-    loss to the loss its logits feed (`_AddToLoss`); without gradients the forward is unchanged.
-
-    `training.train` computes only the cross-entropy of the logits, so this is how the auxiliary
-    loss enters the one training loop; forward hooks, so the model and its saved tensors are a
-    plain MixtralForCausalLM. scale = coefficient / micro-batches per step, like the loss itself.
+    The loop asks the forward for the router logits (output_router_logits=True), and the Mixtral
+    returns `aux_loss` = n * sum_i f_i * P_i over the logits of every layer pooled (Switch
+    Transformer; f_i the fraction of tokens with expert i among their top-k, P_i expert i's mean
+    router probability); the loop back-propagates (cross-entropy + coef * aux_loss) / micro-batches
+    and logs the cross-entropy alone. With top_k == n the aux loss is the constant n (no signal).
     """
-    if scale == 0:
-        yield
-        return
+    if coef == 0:
+        return None
+    return ExtraLoss(term=lambda out: coef * out.aux_loss, forward_kwargs={"output_router_logits": True})
 
-    def ask_router_logits(module, args, kwargs):
-        return (args, {**kwargs, "output_router_logits": True}) if torch.is_grad_enabled() else None
 
-    def add_aux_loss(module, args, kwargs, out):
-        if torch.is_grad_enabled() and out.aux_loss is not None:
-            out.logits = _AddToLoss.apply(out.logits, out.aux_loss, scale)
-        return out
+def finetune_flops_per_token(moe: MixtralForCausalLM, train_all: bool) -> FlopsPerToken:
+    """Training FLOPs per token of a BTX fine-tune at a block length, Kaplan's convention: the MoE's
+    forward (`moe_flops_per_token`) x 3 when every tensor trains, x 2 when only the routers do
+    (activation gradients still flow through every layer; the frozen weights' gradients are skipped)."""
+    passes = 3 if train_all else 2
 
-    handles = [
-        moe.register_forward_pre_hook(ask_router_logits, with_kwargs=True),
-        moe.register_forward_hook(add_aux_loss, with_kwargs=True),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    def per_token(block: int) -> int:
+        return passes * moe_flops_per_token(moe, block)["moe"]
+
+    return per_token
 
 
 def router_spec(steps: int, lr: float, device: str = "cpu", threads: int | None = None, checkpoint_every: int = 50) -> TrainSpec:
@@ -281,22 +261,25 @@ def finetune_router(
 ) -> dict:
     """Fine-tune a Mixtral MoE in place; by default only the routers. Returns metrics.
 
-    Runs through the one training loop (`training.train`) into `out_dir`: a killed or stopped
+    Runs through the one training loop (`train.loop.train`) into `out_dir`: a killed or stopped
     fine-tune continues from out_dir's last checkpoint (weights, AdamW, step, sampler, RNG), bit-
     identically to a run that never stopped; out_dir then holds the Mixtral folder (config.json,
-    model.safetensors) beside train_state.pt and metrics.jsonl. sampler: any `training.Sampler`
+    model.safetensors) beside train_state.pt and metrics.jsonl. sampler: any `train.spec.Sampler`
     of [B, context+1] windows; spec: e.g. `router_spec(steps, lr)`. Loss per step: cross-entropy
     + aux_loss_coef * Mixtral's load-balancing loss (Switch Transformer: n * sum_i f_i * P_i, f_i
-    the fraction of top-k slots routed to expert i and P_i its mean router probability, pooled
-    over all layers; `load_balancing`). With top_k == n the aux loss is the constant n (no signal).
-    `losses` in the result are the per-step cross-entropies (without the aux term).
+    the fraction of tokens with expert i among their top-k and P_i its mean router probability,
+    pooled over all layers), the loop's extra loss term (`load_balancing`). With top_k == n the aux
+    loss is the constant n (no signal). `losses` in the result are the per-step cross-entropies
+    (without the aux term).
 
     Compute, honestly: router-only training still runs the full forward and back-propagates
     through every layer's activations (the routers sit in every layer, down to the first),
     skipping only the frozen weights' gradients: about 2x the forward FLOPs per token, against
     3x for train_all. Each forward is the MoE's (top_k expert MLPs + routers per token), more
-    than one dense expert's; both per-token figures are returned.
+    than one dense expert's; both per-token figures are returned. The loop counts the same
+    figure (`finetune_flops_per_token`), so metrics.jsonl's flops and MFU agree with `flops`.
     """
+    per_token = finetune_flops_per_token(moe, train_all)
     routers = {id(p) for p in router_parameters(moe)}
     flags = {p: p.requires_grad for p in moe.parameters()}
     was_training = moe.training
@@ -304,21 +287,22 @@ def finetune_router(
         p.requires_grad_(train_all or id(p) in routers)
     trained = sum(p.numel() for p in moe.parameters() if p.requires_grad)
     try:
-        with load_balancing(moe, aux_loss_coef / spec.micro_batches):
-            result = train(moe, sampler, spec, out_dir, stop_at_step=stop_at_step, progress=progress)
+        result = train(
+            moe, sampler, spec, out_dir, stop_at_step=stop_at_step, progress=progress,
+            extra_loss=load_balancing(aux_loss_coef), flops_per_token=per_token,
+        )
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         moe.train(was_training)
     losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.jsonl")]
     fwd = moe_flops_per_token(moe, context)
-    passes = 3 if train_all else 2  # forward + backward (activation grads [+ weight grads])
     return {
         "steps": result["steps"],
         "tokens": result["tokens"],
         "train_all": train_all,
         "trained_params": trained,
-        "flops": passes * fwd["moe"] * result["tokens"],
+        "flops": per_token(context) * result["tokens"],  # the loop's count: blocks of `context` tokens
         "flops_per_token_moe_forward": fwd["moe"],
         "flops_per_token_dense_expert_forward": fwd["dense_expert"],
         "loss_first": losses[0] if losses else None,

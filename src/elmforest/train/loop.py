@@ -9,8 +9,13 @@ with `from_pretrained`), `train_state.pt` (everything needed to continue bit-ide
 Arithmetic of one step (nanoGPT's vocabulary):
     tokens/step = micro_batches * B * block          (each sampler batch is [B, block+1] tokens:
                                                       inputs [:, :-1], next-token targets [:, 1:])
-    FLOPs/step  = tokens/step * models.flops_per_token(config, block)    (~6N + 6*L*block*d)
+    FLOPs/step  = tokens/step * flops_per_token(block)     (default the dense formula
+                                                      models.flops_per_token(config, block),
+                                                      ~6N + 6*L*block*d)
     MFU         = FLOPs/step * steps/s / (G * hardware.peak_flops(device))
+A model that costs something else per token passes its own `flops_per_token` (a Mixtral runs top-k of
+its n expert MLPs, `mixtures.btx`; an anchored expert computes no weight gradients for its frozen
+half, `mixtures.anchored_flops`), so metrics.jsonl and train.json count what the arm's run JSON reports.
 The schedule is defined over `total_steps`; a run may stop early at `stop_at_step` (the seed
 checkpoint at a fraction of the budget) and later continue from that checkpoint to `total_steps`,
 bit-identically to a run that never stopped.
@@ -34,11 +39,16 @@ Routing (DEMix): `train(..., route=fn)` asks the sampler for `next_batch_with_do
 forward, so a model whose layers depend on the row's domain (`demix.set_domains`) trains in this
 same loop. The ids are a pure function of the batch index, like the tokens, so resumption stays
 bit-identical.
+
+Extra loss (BTX): `train(..., extra_loss=ExtraLoss(term, forward_kwargs))` calls the training forward
+with `forward_kwargs` added (e.g. output_router_logits=True) and back-propagates
+(cross-entropy + term(output)) / micro_batches; the logged loss stays the cross-entropy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -57,8 +67,8 @@ from elmforest import storage
 from elmforest.models.checkpoint import WEIGHTS_NAME, stored_sha256
 from elmforest.train.distributed import World
 from elmforest.errors import ElmError
-from elmforest.models.factory import flops_per_token
-from elmforest.train.spec import Route, Sampler, TrainSpec
+from elmforest.models.factory import flops_per_token as dense_flops_per_token
+from elmforest.train.spec import ExtraLoss, FlopsPerToken, Route, Sampler, TrainSpec
 from elmforest.train.state import (
     METRICS_NAME,
     TRAIN_JSON_NAME,
@@ -185,6 +195,8 @@ def train(
     progress: bool = True,
     init_optimizer_state: dict[str, Any] | None = None,
     route: Route | None = None,
+    extra_loss: ExtraLoss | None = None,
+    flops_per_token: FlopsPerToken | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `sampler`'s batches up to step `stop_at_step` (default `spec.total_steps`).
 
@@ -196,6 +208,9 @@ def train(
     schedule, as in the reference setup. Tokens and FLOPs count what this run folder trained.
     `route` (DEMix): the sampler must have `next_batch_with_domains()`; `route(domain_ids)` runs
     before every forward pass, and `valid_batches` are then (tokens, domain ids) pairs.
+    `extra_loss` (BTX): a term added to every training micro-batch's cross-entropy (not logged,
+    not in validation). `flops_per_token(block)`: the model's training FLOPs per token, counted in
+    metrics.jsonl and the result (default `models.flops_per_token(model.config, block)`, a dense model).
     Inside a torch.distributed process group every rank calls this with the same arguments
     (see the module docstring); each gets the result.
 
@@ -243,7 +258,10 @@ def train(
     forward = ddp or model
     if spec.compile:
         forward = torch.compile(forward)
+    if flops_per_token is None:  # a dense model: ~6N + 6*L*block*d per token
+        flops_per_token = functools.partial(dense_flops_per_token, model.config)
     flops_cache: dict[int, int] = {}  # block length -> training FLOPs per token
+    extra_kwargs = {} if extra_loss is None else dict(extra_loss.forward_kwargs)
     t_start = time.perf_counter()
     meter.mark(p)
 
@@ -266,15 +284,16 @@ def train(
                 last = micro == spec.micro_batches - 1
                 with ddp.no_sync() if ddp is not None and not last else nullcontext():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
-                        logits = forward(input_ids=x, use_cache=False).logits  # [B/G, block, vocab]
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / spec.micro_batches).backward()  # the step's gradient = mean over micro-batches
+                        out = forward(input_ids=x, use_cache=False, **extra_kwargs)
+                    loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())  # logits [B/G, block, vocab]
+                    total = loss if extra_loss is None else loss + extra_loss.term(out)
+                    (total / spec.micro_batches).backward()  # the step's gradient = mean over micro-batches
                 loss_sum += loss.detach()
                 block = x.shape[1]
                 if block not in flops_cache:
-                    flops_cache[block] = flops_per_token(model.config, context=block)
+                    flops_cache[block] = flops_per_token(block)
                 p.tokens += batch.shape[0] * block  # B * block tokens predicted, over all ranks
-                p.flops += flops_cache[block] * batch.shape[0] * block  # ~(6N + 6*L*block*d) per token
+                p.flops += flops_cache[block] * batch.shape[0] * block
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             optimizer.step()

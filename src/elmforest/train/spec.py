@@ -1,5 +1,7 @@
 """What the training loop takes: the run's hyper-parameters (`TrainSpec`), the sampler protocol it
-draws batches from (`Sampler`), and the routing hook (`Route`). Apart from the loop so that the loop
+draws batches from (`Sampler`), and what an arm hands it beside the model: the routing hook (`Route`,
+DEMix), an extra loss term (`ExtraLoss`, BTX's load balancing) and the model's training FLOPs per token
+(`FlopsPerToken`, a Mixtral's or an anchored expert's). Apart from the loop so that the loop
 (`train.loop`) and its bookkeeping (`train.state`) both import these without importing each other.
 """
 
@@ -87,3 +89,27 @@ class Sampler(Protocol):
 
 # Called with each batch's per-row domain ids [B] before its forward pass (see the module docstring).
 Route = Callable[[torch.Tensor], None]
+
+# Training FLOPs (forward + backward) per token of the model at a block length: what the loop counts
+# in metrics.jsonl's `flops` and `mfu` and in its result. Default: the dense formula
+# `models.factory.flops_per_token(model.config, block)`; an arm whose model costs something else per
+# token (a Mixtral runs top-k of its experts; an anchored expert skips frozen weights' gradients) passes
+# the figure its own run JSON reports, so the two agree.
+FlopsPerToken = Callable[[int], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraLoss:
+    """A term the loop adds to each training micro-batch's mean next-token cross-entropy before the
+    backward pass, e.g. BTX's `coef x load-balancing loss` (`mixtures.btx.load_balancing`).
+
+    The logged loss (metrics.jsonl, `final_loss`) stays the cross-entropy alone, and validation
+    forwards run without it. Per step the gradient is that of mean over micro-batches of
+    (cross-entropy + term).
+    """
+
+    term: Callable[[Any], torch.Tensor]
+    """The model's output (e.g. a `MoeCausalLMOutputWithPast`) -> a scalar tensor, part of the graph."""
+    forward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments added to every training forward, asking the model for what `term` reads
+    (e.g. {"output_router_logits": True})."""
