@@ -139,15 +139,39 @@ def test_anchored_training_resumes_bit_identically(run, tmp_path):
         token_array(Corpus(job["corpus"]), out / "tokenizer", "animals", "train"), 32, job["batch_blocks"],
         job["sampler_seed"], name="animals",
     )
-    train(model, sampler, spec, again / TRAIN_DIR, stop_at_step=5, progress=False)  # a run that stopped early
+    per_token = lambda block: step_flops_per_token(model.config, block, anchored=True, convention="kaplan")  # noqa: E731
+    train(model, sampler, spec, again / TRAIN_DIR, stop_at_step=5, progress=False, flops_per_token=per_token)  # stopped early
     meta = train_anchored_expert(str(again))  # continues from step 5's checkpoint
     first = json.loads((done / "anchored.json").read_text())
     assert meta["tokens"] == first["tokens"] and meta["flops"] == first["flops"]
+    assert read_metrics(again / TRAIN_DIR / "metrics.jsonl")[-1]["flops"] == first["flops"]
     a, b = load_file(done / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la = [(r["step"], r["loss"]) for r in read_metrics(done / "train" / "metrics.jsonl")]
     lb = [(r["step"], r["loss"]) for r in read_metrics(again / "train" / "metrics.jsonl")]
     assert set(la) <= set(lb)  # the same losses at every logged step (the stop logged step 5 too)
+
+
+def test_metrics_count_the_anchored_flops_of_anchored_json(run):
+    """Every FLOPs figure of an anchored run agrees: train/metrics.jsonl's last row and train.json
+    hold anchored.json's flops (the anchored model's training FLOPs per token, backward through the
+    frozen parts, Kaplan's convention), not the dense formula on the seed's config; the router-tuned
+    mixture's metrics.jsonl holds its router_tuning flops."""
+    recipe, out = run
+    config = _seed(out).config
+    for d in DOMAINS:
+        folder = out / ANCHORED_DIR / d
+        meta = json.loads((folder / "anchored.json").read_text())
+        rows = read_metrics(folder / TRAIN_DIR / "metrics.jsonl")
+        per_token = step_flops_per_token(config, 32, anchored=True, convention="kaplan")
+        assert rows[-1]["tokens"] == meta["tokens"] and rows[-1]["flops"] == meta["flops"] == per_token * meta["tokens"]
+        assert json.loads((folder / TRAIN_DIR / "train.json").read_text())["result"]["flops"] == meta["flops"]
+        assert [r["flops"] for r in rows] == [per_token * r["tokens"] for r in rows]
+        assert meta["flops"] != flops_per_token(config, 32) * meta["tokens"]  # what the loop counted before
+    tuning = json.loads((out / TUNED_DIR / "anchored_moe.json").read_text())["router_tuning"]
+    rows = read_metrics(out / TUNED_DIR / "metrics.jsonl")
+    assert rows[-1]["tokens"] == tuning["tokens"] and rows[-1]["flops"] == tuning["flops"]
+    assert tuning["flops"] != flops_per_token(AutoModelForCausalLM.from_pretrained(out / MOE_DIR).config, 32) * tuning["tokens"]
 
 
 def test_router_rows_start_from_unit_domain_embeddings(run):

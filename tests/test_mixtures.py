@@ -28,7 +28,10 @@ from elmforest.mixtures.demix import domain_mlps, load_demix
 from elmforest.combine.evaluate import token_logprobs
 from elmforest.combine.forest import Forest
 from elmforest.mixtures.stages import build_moe, demix_optimizer_state, mix_forest, train_demix
-from elmforest.models.factory import ModelSpec, arch_hash, build_model, load_model, param_count, save_model
+from elmforest.mixtures.btx import moe_flops_per_token
+from elmforest.models.factory import (
+    ModelSpec, arch_hash, build_model, flops_per_token, load_model, non_embedding_params, param_count, save_model,
+)
 from elmforest.combine.scoring import domain_windows
 from elmforest.data.tokenizer import tokenizer_hash, train_tokenizer
 from elmforest.train.loop import lr_at, make_optimizer
@@ -123,6 +126,27 @@ def test_btx_row_counts_its_extra_fine_tuning(llama_study):
     assert row["inference_params"] == mix["params"]
     assert all(math.isfinite(v) and v > 1.0 for v in [*row["train"].values(), *row["novel"].values()])
     assert "BTX (`btx`) is not compute-matched" in (out / "report.md").read_text()
+
+
+def test_mixture_metrics_count_the_flops_of_their_run_jsons(llama_study):
+    """metrics.jsonl of the DEMix and BTX arms ends at their run JSONs' FLOPs. DEMix: the dense
+    formula (each token runs one domain's MLP), not 6 x the DEMix model's parameters (every copy).
+    BTX: mix.json's finetune flops, 2 x the MoE's forward per token (routers only), not the dense
+    formula on the Mixtral's config (all n expert MLPs on every token)."""
+    _, out, _ = llama_study
+    demix = json.loads((out / "demix" / "demix_run.json").read_text())
+    rows = read_metrics(out / "demix" / "metrics.jsonl")
+    dense = load_model(out / "seed").config
+    per_token = flops_per_token(dense, 32)
+    assert rows[-1]["tokens"] == demix["tokens"] and rows[-1]["flops"] == demix["flops"] == per_token * demix["tokens"]
+    model, _ = load_demix(out / "demix")
+    assert per_token != 6 * non_embedding_params(model) + 6 * dense.num_hidden_layers * 32 * dense.hidden_size
+    finetune = json.loads((out / "btx" / "mix.json").read_text())["finetune"]
+    rows = read_metrics(out / "btx" / "metrics.jsonl")
+    moe = AutoModelForCausalLM.from_pretrained(out / "btx")
+    assert rows[-1]["tokens"] == finetune["tokens"]
+    assert rows[-1]["flops"] == finetune["flops"] == 2 * moe_flops_per_token(moe, 32)["moe"] * finetune["tokens"]
+    assert finetune["flops"] != flops_per_token(moe.config, 32) * finetune["tokens"]
 
 
 def test_btx_arm_rebuilds_when_asked_to_fine_tune_every_parameter(llama_study, tmp_path):

@@ -27,6 +27,8 @@ sees: every matmul, the full T x T attention (c = 4*T*P, P = heads x head size),
 h = 0; for a BTM expert it equals `models.flops_per_token(config, T)` exactly.
 `measured_step_flops` counts one real training step with the counter (eager attention, so the
 attention matmuls are visible to it on every device; CPU SDPA kernels are not counted by it).
+`anchored.train_anchored_expert` hands the "kaplan" anchored figure to the training loop
+(`train(..., flops_per_token=...)`), so train/metrics.jsonl and train.json count anchored.json's `flops`.
 """
 
 from __future__ import annotations

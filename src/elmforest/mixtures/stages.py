@@ -19,6 +19,9 @@ token costs exactly one MLP, as in the dense model:
     DEMix FLOPs = seed FLOPs + (total_steps - seed_steps) * B * flops_per_token(dense config)
                 = dense FLOPs
 
+`train_demix` hands the loop that per-token figure, so RUN/demix/metrics.jsonl and demix_run.json
+count the same FLOPs (not 6 x the DEMix model's parameters, which hold all n MLP copies).
+
 The seed's AdamW state carries over: shared parameters keep their moments, and every domain copy
 of an MLP starts with a copy of the seed MLP's moments (and step count), the DEMix analogue of a
 BTM expert branched with the seed's optimizer state. (The loss is the mean over all B rows, so
@@ -28,6 +31,7 @@ by the carried-over second moment, which decays to the new scale within ~1/(1 - 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -50,7 +54,7 @@ from elmforest.data.corpus import Corpus
 from elmforest.errors import ElmError, require
 from elmforest.combine.forest import Forest, read_json
 from elmforest.models.checkpoint import save_weights
-from elmforest.models.factory import SIZES, copy_tokenizer_files, load_model, param_count
+from elmforest.models.factory import SIZES, copy_tokenizer_files, flops_per_token, load_model, param_count
 from elmforest.data.sampler import BalancedSampler
 from elmforest.combine.scoring import (
     ExpertPool,
@@ -202,6 +206,7 @@ def train_demix(
     result = train(
         model, sampler, spec, out, stop_at_step=stop_at_step, valid_batches=valid, progress=progress,
         init_optimizer_state=init, route=route,
+        flops_per_token=functools.partial(flops_per_token, dense.config),  # one domain MLP per token: the dense cost
     )
     if result["steps"] < spec.total_steps:
         return result

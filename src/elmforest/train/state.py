@@ -1,4 +1,4 @@
-"""A training run folder's bookkeeping around the one loop (`training.train`): what a run resumes
+"""A training run folder's bookkeeping around the one loop (`train.loop.train`): what a run resumes
 from and what it leaves behind.
 
     metrics.jsonl   one JSON line per logged step (`Meter`: tokens/s and MFU since the last line)
