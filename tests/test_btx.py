@@ -263,7 +263,7 @@ def test_finetune_step_gradient_is_ce_plus_the_load_balancing_loss_by_hand(tmp_p
     for name, g in want.items():
         torch.testing.assert_close(seen[name], g, atol=1e-7, rtol=1e-5)
         assert (g - ce_only[name]).abs().max() > 1e-4  # the aux term is visible in the gradient
-    assert read_metrics(tmp_path / "ft" / "metrics.jsonl")[0]["loss"] == round(float(ce), 6)
+    assert read_metrics(tmp_path / "ft" / "metrics.jsonl")[0]["loss"] == round(ce.item(), 6)
 
 
 def test_finetune_metrics_count_the_moe_flops_not_the_dense_formula(tmp_path):
