@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "corpus",
     "cluster",
     "tokenizer",
+    "model",
     "train",
     "forest",
     "combine",
