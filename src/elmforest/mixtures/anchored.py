@@ -70,6 +70,7 @@ from elmforest.data.tokenizer import tokenizer_hash
 from elmforest.data.tokens import token_array
 from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import lr_at, train
+from elmforest.train import trackers
 
 ANCHORED_DIR = "anchored_experts"
 ANCHORED_JSON = "anchored.json"  # written last: the expert is trained and exported
@@ -278,7 +279,8 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
     check_llama(seed, job["seed_checkpoint"])
     rows = load_file(str(expert_dir / ROUTER_INIT))
     model = anchor(seed, rows["seed"], rows["domain"])
-    result = train(model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress)
+    with trackers.following(job.get("recipe")):
+        result = train(model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress)
 
     model.cpu()
     moe = to_mixtral(model)
