@@ -319,3 +319,52 @@ def test_run_names_come_from_the_study_folder(tmp_path):
     lone.mkdir(parents=True)
     (tmp_path / "recipe.yaml").unlink()
     assert trackers.study_folder(lone) == lone.parent.resolve() and trackers.run_name(lone, lone.parent.resolve()) == "mine"
+
+
+class _Recorder:
+    """A tracker that records what it is asked."""
+
+    events: list = []
+
+    def __init__(self, settings, root):
+        pass
+
+    def start(self, run_name, group, config):
+        self.events.append(("start", run_name, group, config["train"]["total_steps"]))
+
+    def log(self, step, row):
+        self.events.append(("log", step, row))
+
+    def finish(self, failed=False):
+        self.events.append(("finish", failed))
+
+
+def test_one_tracker_run_per_folder_once_however_nested_and_failed_on_error(tmp_path, monkeypatch):
+    from elmforest.train.state import METRICS_OBSERVERS
+
+    monkeypatch.setitem(trackers.TRACKERS, "tensorboard", _Recorder)
+    _Recorder.events = []
+    study = tmp_path / "proj" / "s1"
+    for name in ("dense", "demix"):
+        (study / name).mkdir(parents=True)
+        (study / name / "train.json").write_text(json.dumps({"spec": {"total_steps": 7}}))
+    (study / "recipe.yaml").write_text("{}")
+    recipe = {"logging": {"report_to": ["tensorboard"]}}
+    with pytest.raises(KeyError):
+        with trackers.following(recipe), trackers.following(recipe):  # the inner one adds nothing
+            assert sum(isinstance(o, trackers._Follower) for o in METRICS_OBSERVERS) == 1
+            for observe in list(METRICS_OBSERVERS):
+                observe(study / "dense", {"step": 2, "loss": 1.5, "lr": 0.1})
+                observe(study / "demix", {"step": 2, "loss": 2.5, "lr": 0.1})
+                observe(study / "dense", {"step": 4, "loss": 1.25, "lr": 0.05, "valid_loss": 1.75})
+            raise KeyError("the training failed")
+    assert METRICS_OBSERVERS == []
+    assert _Recorder.events == [
+        ("start", "dense", "s1", 7), ("log", 2, {"loss": 1.5, "lr": 0.1}),
+        ("start", "demix", "s1", 7), ("log", 2, {"loss": 2.5, "lr": 0.1}),
+        ("log", 4, {"loss": 1.25, "lr": 0.05, "valid_loss": 1.75}),
+        ("finish", True), ("finish", True),
+    ]
+    _Recorder.events = []
+    with trackers.following({"logging": {"report_to": []}}):  # nothing asked: no observer at all
+        assert METRICS_OBSERVERS == []
