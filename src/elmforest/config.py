@@ -190,6 +190,40 @@ class ArmsConfig(_Strict):
         return sorted(v)
 
 
+class LoggingConfig(_Strict):
+    """Experiment trackers that follow every training live (elmforest.train.trackers): one tracker
+    run per trained model, grouped under the study, and the study's final table and claims."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Trackers streaming each run's metrics.jsonl fields (each an optional extra: pip install "
+        "'elmforest[tensorboard]', '[wandb]', '[mlflow]'); none by default. One name or a list; `none` is [].",
+    )
+    project: str = Field(
+        "elmforest", min_length=1, description="W&B project and MLflow experiment ($MLFLOW_EXPERIMENT_NAME wins)."
+    )
+    group: str | None = Field(
+        None, min_length=1, description="W&B group / MLflow tag `elmforest.group` of the study's runs; default: "
+        "the study folder's name."
+    )
+    dir: str | None = Field(
+        None,
+        description="Folder of the trackers' local files: DIR/tensorboard/<run>, DIR/wandb, DIR/mlruns (MLflow's "
+        "file store, unless a tracking URI is set); default: the study folder.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://server, sqlite:///mlflow.db, file:/path); default: "
+        "$MLFLOW_TRACKING_URI, else a file store DIR/mlruns."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [] if v.strip().lower() == "none" else [v]
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+
+
 class RoundConfig(_Strict):
     """One round of incremental growth: these domains join the forest."""
 
@@ -210,6 +244,7 @@ class Recipe(_Strict):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     arms: ArmsConfig = Field(default_factory=ArmsConfig)
     rounds: list[RoundConfig] = Field(default_factory=list)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     seeds: list[int] | None = Field(
         None,
         description="Training seeds: each changes every arm's initialisation and data order (optim.seed); with more "
@@ -336,6 +371,8 @@ def resolve_paths(recipe: Recipe) -> Recipe:
         recipe.tokenizer.path = str(Path(recipe.tokenizer.path).resolve())
     if recipe.model.path:
         recipe.model.path = str(Path(recipe.model.path).resolve())
+    if recipe.logging.dir:
+        recipe.logging.dir = str(Path(recipe.logging.dir).resolve())
     return recipe
 
 

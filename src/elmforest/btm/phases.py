@@ -47,6 +47,7 @@ from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash, train_token
 from elmforest.data.tokens import token_array
 from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import train
+from elmforest.train import trackers
 
 JOB_JSON = "job.json"
 SEED_JSON = "seed.json"
@@ -200,6 +201,7 @@ def dense_data(recipe: Recipe, run_dir: Path) -> tuple[Path, int, Budget, Balanc
     return tok, context, budget, sampler, valid
 
 
+@trackers.tracked
 def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the domain-balanced dense run to the seed step and snapshot RUN/seed; with `full`,
     continue the same run (same batches, same schedule) to the whole budget: the dense baseline.
@@ -248,6 +250,7 @@ def dense_multiple_dir(run_dir: Path, multiple: float) -> Path:
     return Path(run_dir) / dense_multiple_name(multiple)
 
 
+@trackers.tracked
 def train_dense_multiple(recipe: Recipe, run_dir: Path, multiple: float, *, progress: bool = True) -> dict[str, Any]:
     """A dense LM trained from scratch on `multiple` x the budget's tokens, into RUN/dense_x<k>.
 
@@ -481,7 +484,8 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
     if job.get("init_state") and not (expert_dir / TRAIN_STATE).is_file():
         state = load_train_state(job["init_state"])  # the seed's AdamW moments and step
         init = {"optimizer": state["optimizer"], "step": state["step"]}
-    result = train(model, sampler, spec, expert_dir, valid_batches=valid, progress=progress, init_optimizer_state=init)
+    with trackers.following(job.get("recipe")):  # the job's own recipe: trackers start inside the worker
+        result = train(model, sampler, spec, expert_dir, valid_batches=valid, progress=progress, init_optimizer_state=init)
     meta = {
         "name": job["name"],
         "domain": job["domain"],

@@ -72,6 +72,7 @@ from elmforest.data.tokenizer import tokenizer_hash
 from elmforest.data.tokens import token_array
 from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import lr_at, train
+from elmforest.train import trackers
 
 ANCHORED_DIR = "anchored_experts"
 ANCHORED_JSON = "anchored.json"  # written last: the expert is trained and exported
@@ -282,9 +283,10 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
     model = anchor(seed, rows["seed"], rows["domain"])
     # metrics.jsonl counts the anchored expert's training FLOPs per token, anchored.json's "flops" figure.
     per_token = functools.partial(step_flops_per_token, model.config, anchored=True, convention="kaplan")
-    result = train(
-        model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress, flops_per_token=per_token
-    )
+    with trackers.following(job.get("recipe")):
+        result = train(
+            model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress, flops_per_token=per_token
+        )
 
     model.cpu()
     moe = to_mixtral(model)

@@ -59,6 +59,7 @@ from elmforest.data.sampler import BalancedSampler
 from elmforest.combine.scoring import domain_windows
 from elmforest.data.tokenizer import tokenizer_hash
 from elmforest.data.tokens import token_array
+from elmforest.train import trackers
 
 MOE_DIR = "anchored_moe"
 TUNED_DIR = "anchored_moe_router_tuned"
@@ -269,6 +270,7 @@ def opt_out_study(
     return result
 
 
+@trackers.tracked
 def tune_router(
     recipe: Recipe,
     run_dir: Path,

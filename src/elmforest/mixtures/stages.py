@@ -67,6 +67,7 @@ from elmforest.combine.scoring import (
 from elmforest.data.tokens import token_array
 from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import make_optimizer, train
+from elmforest.train import trackers
 
 DEMIX_DIR = "demix"
 DEMIX_RUN_JSON = "demix_run.json"  # written last: RUN/demix is complete
@@ -152,6 +153,7 @@ def _routed_valid_batches(
     return list(zip(rows.split(batch_size), ids.split(batch_size)))
 
 
+@trackers.tracked
 def train_demix(
     recipe: Recipe, run_dir: Path, progress: bool = True, stop_at_step: int | None = None
 ) -> dict[str, Any]:
@@ -424,6 +426,7 @@ def btx_dir(run_dir: Path) -> Path:
     return Path(run_dir) / BTX_DIR
 
 
+@trackers.tracked
 def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers (every
     parameter with `arms.btx_train_all`) fine-tuned for `arms.btx_tokens` tokens at the recipe's

@@ -36,6 +36,7 @@ from elmforest.errors import ElmError
 from elmforest.combine.forest import Forest, read_expert, read_json
 from elmforest.study.report import results_table, write_report
 from elmforest.study.run_folder import claim_run_dir
+from elmforest.study.tracking import report_results
 from elmforest.data.tokens import token_array
 
 
@@ -107,7 +108,9 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     except Timeout:
         raise ElmError("another elmforest process is running in this folder; wait for it or use another --out", out) from None
     try:
-        return _run_locked(recipe, out, corpus, progress, log)
+        results = _run_locked(recipe, out, corpus, progress, log)
+        report_results(recipe, out, results)  # the final table and claims to the recipe's trackers
+        return results
     finally:
         lock.release()
 

@@ -20,8 +20,9 @@ from elmforest.errors import ElmError
 
 RECIPE_FILE = "recipe.yaml"
 # Recipe sections that may change between runs of one folder without invalidating its models:
-# where experts run, and (after a fresh evaluation) which arms and how they are evaluated.
-VOLATILE_KEYS = ("launcher", "out")
+# where experts run, which trackers follow them, and (after a fresh evaluation) which arms and how
+# they are evaluated.
+VOLATILE_KEYS = ("launcher", "out", "logging")
 REEVALUATE_KEYS = ("arms", "eval")
 
 

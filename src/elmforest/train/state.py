@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +193,15 @@ def save_checkpoint(
     save_weights(model, out_dir)
 
 
+# Called with (run folder, row) after each line of metrics.jsonl this process writes: the one hook
+# through which others follow a run live (experiment trackers, `elmforest.train.trackers`) without
+# code in the loop. An observer must not raise.
+METRICS_OBSERVERS: list[Callable[[Path, dict[str, Any]], None]] = []
+
+
 class Meter:
-    """Rank 0's lines of metrics.jsonl: throughput and MFU over the steps since the previous line."""
+    """Rank 0's lines of metrics.jsonl: throughput and MFU over the steps since the previous line;
+    each line also goes to every `METRICS_OBSERVERS` callable."""
 
     def __init__(self, path: Path, progress: Counters, device: torch.device, bf16: bool, where: World):
         self.path, self.where = path, where
@@ -221,4 +229,6 @@ class Meter:
         if evaluated:
             row["valid_loss"] = round(progress.valid_loss, 6)
         storage.append_line(self.path, json.dumps(row))
+        for observe in list(METRICS_OBSERVERS):
+            observe(self.path.parent, row)
         self.mark(progress)
