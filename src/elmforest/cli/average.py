@@ -26,7 +26,8 @@ from elmforest.cli.combine import (
 from elmforest.console import stdout_console
 from elmforest.errors import require
 from elmforest.combine.forest import Forest
-from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, forest_prior, load_prior, resolve_corpus
+from elmforest.combine.prior import load_prior
+from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, forest_prior, resolve_corpus
 
 
 def average(

@@ -6,7 +6,10 @@ the forest commands share (`commands.average`, `commands.generate` take them fro
     eval     TARGET              per-domain perplexity of a forest (ensemble) or a model folder
 
 The shared pieces (consistency checks, windows, priors, ensemble scoring) live in
-`elmforest.combine.scoring`, so the study runner computes the same numbers.
+`elmforest.combine` (`scoring`, `prior`, `logprobs`), so the study runner computes the same
+numbers: with a study's eval settings (--max-tokens eval.max_tokens_per_domain, --window-seed,
+--prior-sequences, --prior-batch, --alpha, --posterior, --batch-size) `ensemble`/`eval` on its
+forest give its results.json perplexities and priors of btm_ensemble_cached.
 """
 
 from __future__ import annotations
@@ -22,21 +25,20 @@ from elmforest.console import stdout_console
 from elmforest.errors import ElmError, require
 from elmforest.combine.forest import Forest, read_json
 from elmforest.combine.ensemble import Mixing, check_posterior, posterior_help
+from elmforest.combine.logprobs import EVAL_BATCH
+from elmforest.combine.prior import PriorRecord, load_prior, save_prior
 from elmforest.combine.scoring import (
     PRIOR_MODES,
     ExpertPool,
     Members,
-    PriorRecord,
     check_forest_consistency,
     ensemble_scores,
     forest_context,
     forest_prior,
-    load_prior,
     model_context,
     model_scores,
     recorded_seed_dir,
     resolve_corpus,
-    save_prior,
     split_windows,
     tuned_prior,
 )
@@ -88,6 +90,10 @@ LOAD_PRIOR_OPT = typer.Option(
     None, "--load-prior", help="Use a prior saved with --save-prior instead of estimating one."
 )
 DEVICE_OPT = typer.Option("auto", "--device", help="Where models run: auto (cuda if available), cpu, cuda, cuda:1, ...")
+BATCH_SIZE_OPT = typer.Option(
+    EVAL_BATCH, "--batch-size", min=1,
+    help="Windows per forward pass (a study's eval.batch_size gives its results.json numbers to the last digit).",
+)
 JSON_OPT = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 
 
@@ -231,6 +237,7 @@ def ensemble(
     save: Path | None = typer.Option(None, "--save-prior", help="Write the cached prior (and its mixing) to this JSON file."),
     load: Path | None = LOAD_PRIOR_OPT,
     device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Ensemble a forest's experts on one domain: print the cached prior and the perplexity.
@@ -241,7 +248,7 @@ def ensemble(
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest, corp, context, metas = _forest_setup(forest_path, corpus)
     windows = split_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens, window_seed)  # fail fast
-    members = _members(ExpertPool(forest, _device(device)), metas, seed_dir)
+    members = _members(ExpertPool(forest, _device(device), batch_size), metas, seed_dir)
     record = _estimate_or_load(members, corp, domain, context, prior, load, prior_sequences, prior_batch, alpha,
                                posterior, window_seed, mix, mixing)
     if save is not None:
@@ -305,6 +312,7 @@ def evaluate(
     prior_batch: int = PRIOR_BATCH_OPT,
     alpha: float = ALPHA_OPT,
     device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Per-domain perplexity of a forest (ensemble, prior estimated per domain) or one model.
@@ -321,7 +329,7 @@ def evaluate(
     if forest is not None:
         forest, corp, context, metas = _forest_setup(target, corpus)
         tokenizer_dir = forest.tokenizer_dir
-        members = _members(ExpertPool(forest, dev), metas, seed_dir)
+        members = _members(ExpertPool(forest, dev, batch_size), metas, seed_dir)
     else:
         from elmforest.models.factory import load_model
         from elmforest.data.tokenizer import tokenizer_hash
@@ -342,7 +350,7 @@ def evaluate(
     for d in chosen:
         windows = split_windows(corp, tokenizer_dir, d, split, context, max_tokens, window_seed)
         if forest is None:
-            scores = model_scores(model, windows)
+            scores = model_scores(model, windows, batch_size)
         else:
             record = _estimate_or_load(members, corp, d, context, prior, None, prior_sequences, prior_batch, alpha,
                                        posterior, window_seed, mix, mixing)

@@ -24,7 +24,8 @@ from elmforest.cli.combine import (
 )
 from elmforest.combine.ensemble import Mixing
 from elmforest.errors import require
-from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, load_prior, resolve_corpus, tuned_prior
+from elmforest.combine.prior import load_prior
+from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, resolve_corpus, tuned_prior
 
 
 def generate_text(
