@@ -41,7 +41,7 @@ def study(tmp_path_factory):
     _rewrite_valid_as_code(corpus)
     out = root / "run"
     data = tiny_recipe(corpus, out)
-    data["eval"]["prior_alpha"] = ALPHA
+    data["eval"].update(prior_alpha=ALPHA, window_seed=3, batch_size=5)  # not the CLI's defaults (0, 8)
     data["arms"] = {"random_split": False, "dense_multiples": [2]}
     path = write_recipe(root / "recipe.yaml", data)
     main(["run", str(path), "--no-progress"])
@@ -146,6 +146,37 @@ def test_cli_names_mean_what_the_study_names_mean(study, tmp_path, capsys):
     assert json.loads((tmp_path / "t_scores.json").read_text())["nll"] == pytest.approx(cache["nll"]["btm_ensemble_tuned"], abs=1e-5)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["mixing"] == cache["priors"]["btm_tuned"]["mixing"]
+
+
+def test_cli_ensemble_and_eval_give_the_studys_numbers(study, tmp_path, capsys):
+    """`elmforest eval` / `ensemble` on the study's forest with its eval settings give results.json's
+    btm_ensemble_cached perplexity and cached prior of every domain, to the last digit."""
+    recipe, out = study
+    results = json.loads((out / "results.json").read_text())
+    e = recipe.eval
+    settings = ["--max-tokens", e.max_tokens_per_domain, "--window-seed", e.window_seed, "--prior-sequences",
+                e.prior_sequences, "--prior-batch", e.prior_batch, "--alpha", e.prior_alpha, "--posterior", e.posterior,
+                "--batch-size", e.batch_size]
+    row = results["btm_ensemble_cached"]
+    want = {**row["train"], **row["novel"]}
+    assert sorted(want) == ["animals", "code", "numbers"]
+    code, _, err = run_cli(["eval", out / "forest", "--domains", ",".join(want), *settings, "--json", tmp_path / "e.json"], capsys)
+    assert code == 0, err
+    got = json.loads((tmp_path / "e.json").read_text())
+    for d, ppl in want.items():
+        assert got["domains"][d]["ppl"] == ppl, d
+        assert got["prior"][d]["experts"] == results["priors"]["btm"][d], d
+    for d in ("code", "numbers"):
+        code, _, err = run_cli(["ensemble", out / "forest", "--domain", d, *settings, "--json", tmp_path / "c.json"], capsys)
+        assert code == 0, err
+        ens = json.loads((tmp_path / "c.json").read_text())
+        assert ens["ppl"] == want[d] and ens["prior"]["experts"] == results["priors"]["btm"][d], d
+    # the CLI's own defaults (other windows, alpha 0.3) give other numbers: the equalities above can tell
+    code, _, err = run_cli(["ensemble", out / "forest", "--domain", "numbers", "--max-tokens", e.max_tokens_per_domain,
+                            "--prior-sequences", e.prior_sequences, "--json", tmp_path / "d.json"], capsys)
+    assert code == 0, err
+    default = json.loads((tmp_path / "d.json").read_text())
+    assert default["ppl"] != want["numbers"] and default["prior"]["experts"] != results["priors"]["btm"]["numbers"]
 
 
 def test_dense_at_twice_the_compute(study):

@@ -97,7 +97,8 @@ BATCH_SIZE_OPT = typer.Option(
 JSON_OPT = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 
 
-def _device(name: str) -> str:
+def pick_device(name: str) -> str:
+    """The device a --device option names (auto: cuda when available, else cpu)."""
     from elmforest.train.budget import resolve_device
 
     return resolve_device(name)
@@ -155,7 +156,8 @@ def resolve_mixing(posterior: str, temperature: float, floor: float, decay: floa
     return posterior, Mixing(temperature=temperature, floor=floor, decay=decay or 0.0, with_seed=with_seed)
 
 
-def _members(pool: ExpertPool, metas: dict[str, dict[str, Any]], seed_dir: Path | None) -> Members:
+def forest_members(pool: ExpertPool, metas: dict[str, dict[str, Any]], seed_dir: Path | None) -> Members:
+    """The mixture's members: the pool's experts, and the seed from --seed-dir or the experts' seed_checkpoint."""
     if seed_dir is not None:
         require((seed_dir / "config.json").is_file(), "not a model folder (no config.json)", seed_dir)
     return Members(pool, seed_dir or recorded_seed_dir(metas.values()))
@@ -179,7 +181,7 @@ def _estimate_or_load(
     return None
 
 
-def _used_mixing(record: PriorRecord | None, posterior: str, mixing: Mixing) -> tuple[str, Mixing]:
+def used_mixing(record: PriorRecord | None, posterior: str, mixing: Mixing) -> tuple[str, Mixing]:
     """A record made with other settings (tuned, or a loaded file) brings its own posterior and mixing."""
     if record is not None and record.mixing is not None and (record.mix != Mixing() or record.posterior == "decayed"):
         return record.posterior, record.mix
@@ -248,13 +250,13 @@ def ensemble(
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest, corp, context, metas = _forest_setup(forest_path, corpus)
     windows = split_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens, window_seed)  # fail fast
-    members = _members(ExpertPool(forest, _device(device), batch_size), metas, seed_dir)
+    members = forest_members(ExpertPool(forest, pick_device(device), batch_size), metas, seed_dir)
     record = _estimate_or_load(members, corp, domain, context, prior, load, prior_sequences, prior_batch, alpha,
                                posterior, window_seed, mix, mixing)
     if save is not None:
         require(record is not None, f"--save-prior needs --prior cached, not {prior}")
         save_prior(save, record)
-    posterior, mixing = _used_mixing(record, posterior, mixing)
+    posterior, mixing = used_mixing(record, posterior, mixing)
     scores, used = ensemble_scores(members, windows, prior, posterior, record, top_k, prior_batch, alpha, mixing)
 
     console = stdout_console()
@@ -322,14 +324,14 @@ def evaluate(
     _check_prior_mode(prior)
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest = open_target(target)
-    dev = _device(device)
+    dev = pick_device(device)
     kind = "forest" if forest is not None else "model"
     result: dict[str, Any] = {"target": str(target), "kind": kind, "split": split, "max_tokens": max_tokens,
                               "window_seed": window_seed}
     if forest is not None:
         forest, corp, context, metas = _forest_setup(target, corpus)
         tokenizer_dir = forest.tokenizer_dir
-        members = _members(ExpertPool(forest, dev, batch_size), metas, seed_dir)
+        members = forest_members(ExpertPool(forest, dev, batch_size), metas, seed_dir)
     else:
         from elmforest.models.factory import load_model
         from elmforest.data.tokenizer import tokenizer_hash
@@ -354,7 +356,7 @@ def evaluate(
         else:
             record = _estimate_or_load(members, corp, d, context, prior, None, prior_sequences, prior_batch, alpha,
                                        posterior, window_seed, mix, mixing)
-            post, mixed = _used_mixing(record, posterior, mixing)
+            post, mixed = used_mixing(record, posterior, mixing)
             scores, used = ensemble_scores(members, windows, prior, post, record, top_k, prior_batch, alpha, mixed)
             result["ensemble"]["experts_run"][d] = used
             result["ensemble"]["mixing"][d] = {"posterior": post, **mixed.to_json()}

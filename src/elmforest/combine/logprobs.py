@@ -71,3 +71,9 @@ def expert_logprobs(
         del model
     require(rows, "no expert runs: the prior is zero for every one")
     return torch.stack(rows)
+
+
+def mean_nll(logprobs: torch.Tensor) -> float:
+    """Mean negative log-likelihood per predicted token (nats) of a log-prob table [..., T], summed
+    in float64: the one reduction behind every perplexity the study and the CLI report."""
+    return float(-logprobs.double().mean())

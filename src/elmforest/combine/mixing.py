@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from elmforest.combine.ensemble import SEED_MEMBER, Mixing, mix_logprobs, posterior_log_weights
+from elmforest.combine.logprobs import mean_nll
 from elmforest.combine.prior import cached_prior
 from elmforest.errors import require
 
@@ -79,7 +80,7 @@ def mixture_logprobs(lp: torch.Tensor, prior: torch.Tensor, posterior: str, mixi
 
 def mixture_nll(lp: torch.Tensor, prior: torch.Tensor, posterior: str, mixing: Mixing = Mixing()) -> float:
     """Mean NLL per token of the mixture (see `mixture_logprobs`)."""
-    return float(-mixture_logprobs(lp, prior, posterior, mixing).double().mean())
+    return mean_nll(mixture_logprobs(lp, prior, posterior, mixing))
 
 
 def members_logprobs(expert_lp: torch.Tensor, seed_lp: torch.Tensor | None, with_seed: bool) -> torch.Tensor:

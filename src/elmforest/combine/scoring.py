@@ -31,7 +31,7 @@ from torch import nn
 
 from elmforest.data.corpus import Corpus
 from elmforest.combine.ensemble import NO_MIXING, SEED_MEMBER, Mixing, check_posterior, normalise_prior, top_k_prior
-from elmforest.combine.logprobs import EVAL_BATCH, Member, expert_logprobs
+from elmforest.combine.logprobs import EVAL_BATCH, Member, expert_logprobs, mean_nll
 from elmforest.combine.mixing import TUNED_POSTERIOR, mixture_logprobs, tune_mixing
 from elmforest.combine.prior import PriorRecord, cached_prior, ema_batches, updating_logprobs
 from elmforest.errors import ElmError, require
@@ -320,7 +320,7 @@ def ensemble_prior(names: Sequence[str], prior_mode: str, cached: PriorRecord | 
 def logprob_scores(logprobs: torch.Tensor, windows: EvalWindows | None = None, resamples: int = 1000) -> dict[str, Any]:
     """{"ppl", "nll", "tokens"} of a [N, T] table of log-probs (as `evaluate.perplexity`); with the
     windows' document labels also "documents" and "ppl_ci", a 95% bootstrap interval over documents."""
-    nll = -float(logprobs.double().sum()) / logprobs.numel()
+    nll = mean_nll(logprobs)
     out: dict[str, Any] = {"ppl": math.exp(nll), "nll": nll, "tokens": logprobs.numel()}
     if windows is not None:
         import numpy as np

@@ -24,10 +24,10 @@ import torch
 from elmforest.config import Recipe
 from elmforest.combine.forest import Forest
 from elmforest.combine.evaluate import geo_mean
-from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.combine.mixing import mixture_nll
 from elmforest.combine.prior import cached_prior
-from elmforest.study.results import averaged_model, nll_of
+from elmforest.study.results import averaged_model
 
 
 def forest_scores(
@@ -41,13 +41,13 @@ def forest_scores(
     out = {"ensemble_cached": mixture_nll(lp, prior, e.posterior)}
     if average:
         avg = averaged_model(models, prior.tolist())
-        out["average_posterior"] = nll_of(expert_logprobs([avg], test, e.batch_size)[0])
+        out["average_posterior"] = mean_nll(expert_logprobs([avg], test, e.batch_size)[0])
     return out, prior.tolist()
 
 
 def single_nll(model: torch.nn.Module, test: torch.Tensor, batch_size: int) -> float:
     """Mean NLL of one model on `test` [N, C+1]."""
-    return nll_of(expert_logprobs([model], test, batch_size)[0])
+    return mean_nll(expert_logprobs([model], test, batch_size)[0])
 
 
 def forest_tokens_flops(forest_dir: Path, seed: dict[str, Any]) -> tuple[int, float]:

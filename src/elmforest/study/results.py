@@ -30,7 +30,7 @@ from elmforest.combine.averaging import average_state_dicts
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
 from elmforest.mixtures.demix import demix_cached_prior, demix_logprobs, load_demix
-from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.errors import ElmError
 from elmforest.combine.evaluate import EvalWindows, document_sums
 from elmforest.combine.forest import Forest, read_json
@@ -42,11 +42,6 @@ from elmforest.combine.scoring import prior_windows, split_windows
 from elmforest.data.tokens import token_array
 
 EVAL_FORMAT = "elmforest-eval/2"  # per-document sums, windows spread over the split
-
-
-def nll_of(logprobs: torch.Tensor) -> float:
-    """Mean negative log-likelihood per predicted token (nats)."""
-    return float(-logprobs.double().mean())
 
 
 def unigram_logprobs(train_arrays: list[np.ndarray], vocab: int, windows: torch.Tensor) -> torch.Tensor:
@@ -234,13 +229,13 @@ def score_domain(models: StudyModels, domain: str, methods: list[StudyMethod], c
         except ElmError as err:
             raise ElmError(f"study method {m.name!r} cannot be scored on domain {domain!r}: {err.detail}", err.path) from None
         _, sums, _ = document_sums(lp, ev.test.docs)
-        out["nll"][m.name] = nll_of(lp)
+        out["nll"][m.name] = mean_nll(lp)
         out["doc_nll"][m.name] = sums
         if m.valid is not None:
             out.setdefault("valid_nll", {})[m.name] = m.valid(ev)
     if "unigram" not in out["nll"]:
         lp = unigram_logprobs(models.train_arrays, models.vocab, ev.test.tokens)
-        out["nll"]["unigram"], out["doc_nll"]["unigram"] = nll_of(lp), document_sums(lp, ev.test.docs)[1]
+        out["nll"]["unigram"], out["doc_nll"]["unigram"] = mean_nll(lp), document_sums(lp, ev.test.docs)[1]
     out["priors"].update(ev.priors)
     return out
 
