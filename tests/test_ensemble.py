@@ -138,6 +138,25 @@ def test_top1_runs_only_that_expert(experts, tokens):
     assert w.shape == (3, 3, 10) and (w[1] == 1).all() and (w[0] == 0).all() and (w[2] == 0).all()
 
 
+def test_expert_logprobs_batches_loads_lazily_and_runs_only_experts_with_prior(experts):
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, VOCAB, (7, 9), generator=g)  # 7 windows: batches of 3, 3, 1
+    with torch.no_grad():  # by hand: log_softmax at the targets, float64
+        want = torch.stack([torch.log_softmax(m(windows[:, :-1]).logits.double(), -1).gather(-1, windows[:, 1:, None])[..., 0]
+                            for m in experts])  # [3, 7, 8]
+    torch.testing.assert_close(expert_logprobs(experts, windows, batch_size=3).double(), want, atol=1e-5, rtol=0)
+    loads, calls = [], [0, 0, 0]
+    hooks = [m.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(experts)]
+    try:
+        loaders = [lambda i=i: loads.append(i) or experts[i] for i in range(3)]
+        got = expert_logprobs(loaders, windows, batch_size=3, prior=[0.0, 0.7, 0.3])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert loads == [1, 2] and calls == [0, 3, 3]  # expert 0 (prior 0) is never loaded nor run; 3 batches each
+    torch.testing.assert_close(got.double(), want[1:], atol=1e-5, rtol=0)
+
+
 def test_top_k_prior():
     p = top_k_prior(torch.tensor([0.1, 0.4, 0.2, 0.3]), 2)
     torch.testing.assert_close(p, torch.tensor([0.0, 4 / 7, 0.0, 3 / 7], dtype=torch.float64))

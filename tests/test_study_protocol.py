@@ -179,6 +179,18 @@ def test_cli_ensemble_and_eval_give_the_studys_numbers(study, tmp_path, capsys):
     assert default["ppl"] != want["numbers"] and default["prior"]["experts"] != results["priors"]["btm"]["numbers"]
 
 
+def test_growth_prior_is_the_studys_cached_prior(study):
+    """Growth branches a new domain's expert from the same cached prior the study reports for that domain."""
+    from elmforest.btm.growth import forest_prior
+    from elmforest.btm.phases import model_context
+
+    recipe, out = study
+    results = json.loads((out / "results.json").read_text())
+    tok = out / "tokenizer"
+    got = forest_prior(out / "forest", Corpus(recipe.corpus), tok, "numbers", model_context(recipe, tok), recipe)
+    assert got == results["priors"]["btm"]["numbers"]
+
+
 def test_dense_at_twice_the_compute(study):
     recipe, out = study
     results = json.loads((out / "results.json").read_text())
