@@ -7,9 +7,9 @@ the forest commands share (`commands.average`, `commands.generate` take them fro
 
 The shared pieces (consistency checks, windows, priors, ensemble scoring) live in
 `elmforest.combine` (`scoring`, `prior`, `logprobs`), so the study runner computes the same
-numbers: with a study's eval settings (--max-tokens eval.max_tokens_per_domain, --window-seed,
---prior-sequences, --prior-batch, --alpha, --posterior, --batch-size) `ensemble`/`eval` on its
-forest give its results.json perplexities and priors of btm_ensemble_cached.
+numbers: with a study's eval settings (--recipe RUN/recipe.yaml, or the flags --max-tokens,
+--window-seed, --prior-sequences, --prior-batch, --alpha, --posterior, --batch-size) `ensemble`
+and `eval` on its forest give its results.json perplexities and priors of btm_ensemble_cached.
 """
 
 from __future__ import annotations
@@ -95,6 +95,15 @@ BATCH_SIZE_OPT = typer.Option(
     help="Windows per forward pass (a study's eval.batch_size gives its results.json numbers to the last digit).",
 )
 JSON_OPT = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+STUDY_RECIPE_OPT = typer.Option(
+    None, "--recipe",
+    help="A study's recipe (RUN/recipe.yaml): its eval settings (max_tokens_per_domain, window_seed, prior_sequences, "
+    "prior_batch, prior_alpha, posterior, batch_size) stand in for those flags when not given, so the numbers are the "
+    "study's results.json ones (btm_ensemble_cached and its priors).",
+)
+# flag (parameter name) -> the recipe's eval field it stands for
+RECIPE_EVAL_FLAGS = {"max_tokens": "max_tokens_per_domain", "window_seed": "window_seed", "prior_sequences": "prior_sequences",
+                     "prior_batch": "prior_batch", "alpha": "prior_alpha", "posterior": "posterior", "batch_size": "batch_size"}
 
 
 def pick_device(name: str) -> str:
@@ -102,6 +111,21 @@ def pick_device(name: str) -> str:
     from elmforest.train.budget import resolve_device
 
     return resolve_device(name)
+
+
+def study_eval_settings(ctx: typer.Context, recipe: Path | None) -> tuple[Any, ...]:
+    """The values of the RECIPE_EVAL_FLAGS, in that order: as given on the command line, else the
+    study recipe's eval settings (--recipe), else the flags' defaults."""
+    values = {flag: ctx.params[flag] for flag in RECIPE_EVAL_FLAGS}
+    if recipe is not None:
+        from elmforest.study.recipe import load_recipe
+
+        settings = load_recipe(recipe).eval
+        for flag, field in RECIPE_EVAL_FLAGS.items():
+            source = ctx.get_parameter_source(flag)
+            if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                values[flag] = getattr(settings, field)
+    return tuple(values.values())
 
 
 def _csv(text: str, option: str) -> list[str]:
@@ -216,6 +240,7 @@ def prior_table(record: PriorRecord, forest: Forest, used: list[str] | None = No
 
 
 def ensemble(
+    ctx: typer.Context,
     forest_path: Path = typer.Argument(..., metavar="FOREST", help="Forest folder (with forest.json)."),
     domain: str = typer.Option(
         ..., "--domain", help="Domain to evaluate: its valid split gives the prior, its split the score."
@@ -240,6 +265,7 @@ def ensemble(
     load: Path | None = LOAD_PRIOR_OPT,
     device: str = DEVICE_OPT,
     batch_size: int = BATCH_SIZE_OPT,
+    study_recipe: Path | None = STUDY_RECIPE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Ensemble a forest's experts on one domain: print the cached prior and the perplexity.
@@ -247,6 +273,7 @@ def ensemble(
     The prior is the moving average of the batch-mean posterior over --prior-sequences validation windows drawn from the domain's valid split; frozen, it weights the ensemble scored on --max-tokens tokens drawn from --split, with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
+    max_tokens, window_seed, prior_sequences, prior_batch, alpha, posterior, batch_size = study_eval_settings(ctx, study_recipe)
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest, corp, context, metas = _forest_setup(forest_path, corpus)
     windows = split_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens, window_seed)  # fail fast
@@ -291,6 +318,7 @@ def _mixing_text(mixing: Mixing) -> str:
 
 
 def evaluate(
+    ctx: typer.Context,
     target: Path = typer.Argument(
         ..., metavar="TARGET", help="A forest folder (ensemble) or a model folder (config.json + model.safetensors)."
     ),
@@ -315,6 +343,7 @@ def evaluate(
     alpha: float = ALPHA_OPT,
     device: str = DEVICE_OPT,
     batch_size: int = BATCH_SIZE_OPT,
+    study_recipe: Path | None = STUDY_RECIPE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Per-domain perplexity of a forest (ensemble, prior estimated per domain) or one model.
@@ -322,6 +351,7 @@ def evaluate(
     Every target is scored on the same windows: --max-tokens tokens drawn from each domain's whole split (seeded), cut at the model's context length; each perplexity comes with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
+    max_tokens, window_seed, prior_sequences, prior_batch, alpha, posterior, batch_size = study_eval_settings(ctx, study_recipe)
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest = open_target(target)
     dev = pick_device(device)
