@@ -7,7 +7,7 @@ log-probs (a logsumexp over k in float64). The claim: that is all it costs, so
 
 and a top-k ensemble of an n-expert forest costs k forward passes, not n (experts with zero
 prior are never run). Models are random-init `demo` size (speed does not depend on training);
-the prior is `elmforest.combine.ensemble.cached_prior` on separate validation windows (not timed).
+the prior is `elmforest.combine.prior.cached_prior` on separate validation windows (not timed).
 Every contender scores the same test windows with `elmforest.combine.evaluate.perplexity`.
 """
 
@@ -20,7 +20,9 @@ import torch
 
 import record
 from elmforest.config import ModelConfig
-from elmforest.combine.ensemble import Ensemble, cached_prior, top_k_prior
+from elmforest.combine.ensemble import Ensemble, top_k_prior
+from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.prior import cached_prior
 from elmforest.combine.evaluate import perplexity
 from elmforest.models.factory import build_model, resolve_spec
 
@@ -39,12 +41,13 @@ def main() -> None:
     test = torch.randint(0, vocab, (n_windows, T + 1), generator=gen)  # [N, T+1]
     valid = torch.randint(0, vocab, (8 if a.quick else 16, T + 1), generator=gen)
     models = [build_model(spec, seed).eval() for seed in range(n_experts)]
-    prior6 = cached_prior(models, valid, batch_size=4)
+    valid_lp = expert_logprobs(models, valid)  # [6, P, T]
+    prior6 = cached_prior(valid_lp, batch_size=4)
 
     # contender name -> (log-prob function or model, forward passes per window)
     contenders: dict[str, tuple[object, int]] = {"single model": (models[0], 1)}
     for k in (2, 4, 6):
-        prior_k = cached_prior(models[:k], valid, batch_size=4)
+        prior_k = cached_prior(valid_lp[:k], batch_size=4)
         contenders[f"ensemble k={k}"] = (Ensemble(models[:k], prior=prior_k), k)
     for k in (1, 2):
         contenders[f"top-{k} of 6"] = (Ensemble(models, prior=top_k_prior(prior6, k)), k)

@@ -10,12 +10,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from elmforest.combine.ensemble import (
     POSTERIORS,
     Ensemble,
-    cached_prior,
-    expert_logprobs,
     posterior_log_weights,
     top_k_prior,
-    updating_logprobs,
 )
+from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.prior import cached_prior, updating_logprobs
 from elmforest.errors import ElmError
 from elmforest.combine.evaluate import eval_windows, perplexity, token_logprobs
 
@@ -139,6 +138,25 @@ def test_top1_runs_only_that_expert(experts, tokens):
     assert w.shape == (3, 3, 10) and (w[1] == 1).all() and (w[0] == 0).all() and (w[2] == 0).all()
 
 
+def test_expert_logprobs_batches_loads_lazily_and_runs_only_experts_with_prior(experts):
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, VOCAB, (7, 9), generator=g)  # 7 windows: batches of 3, 3, 1
+    with torch.no_grad():  # by hand: log_softmax at the targets, float64
+        want = torch.stack([torch.log_softmax(m(windows[:, :-1]).logits.double(), -1).gather(-1, windows[:, 1:, None])[..., 0]
+                            for m in experts])  # [3, 7, 8]
+    torch.testing.assert_close(expert_logprobs(experts, windows, batch_size=3).double(), want, atol=1e-5, rtol=0)
+    loads, calls = [], [0, 0, 0]
+    hooks = [m.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(experts)]
+    try:
+        loaders = [lambda i=i: loads.append(i) or experts[i] for i in range(3)]
+        got = expert_logprobs(loaders, windows, batch_size=3, prior=[0.0, 0.7, 0.3])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert loads == [1, 2] and calls == [0, 3, 3]  # expert 0 (prior 0) is never loaded nor run; 3 batches each
+    torch.testing.assert_close(got.double(), want[1:], atol=1e-5, rtol=0)
+
+
 def test_top_k_prior():
     p = top_k_prior(torch.tensor([0.1, 0.4, 0.2, 0.3]), 2)
     torch.testing.assert_close(p, torch.tensor([0.0, 4 / 7, 0.0, 3 / 7], dtype=torch.float64))
@@ -171,16 +189,11 @@ def test_posterior_log_weights_arithmetic():
 
 def test_cached_prior_ema_arithmetic():
     """prior <- 0.7 prior + 0.3 batch-mean posterior, from uniform, batches of 4 windows."""
-    lp = torch.log(torch.tensor([0.5, 0.25])).view(2, 1, 1).expand(2, 1, 3)
-
-    def fn(batch):
-        return lp.expand(2, batch.shape[0], 3)
-
-    windows = torch.zeros((10, 4), dtype=torch.long)  # 3 batches: 4, 4, 2 windows
-    prior, history = cached_prior(fn, windows, batch_size=4, alpha=0.3, posterior="prior", return_history=True)
+    lp = torch.log(torch.tensor([0.5, 0.25])).view(2, 1, 1).expand(2, 10, 3)  # 10 windows: batches of 4, 4, 2
+    prior, history = cached_prior(lp, batch_size=4, alpha=0.3, posterior="prior", return_history=True)
     assert len(history) == 4  # start + 3 batches
     torch.testing.assert_close(prior, torch.tensor([0.5, 0.5], dtype=torch.float64))  # "prior" mode never moves
-    prior, history = cached_prior(fn, windows, batch_size=4, alpha=0.3, posterior="one_step", return_history=True)
+    prior, history = cached_prior(lp, batch_size=4, alpha=0.3, posterior="one_step", return_history=True)
     want = torch.tensor([0.5, 0.5], dtype=torch.float64)
     for step in range(3):
         post_rest = want * torch.tensor([0.5, 0.25], dtype=torch.float64)
@@ -194,10 +207,10 @@ def test_cached_prior_ema_arithmetic():
 def test_updating_prior_scores_with_earlier_batches(experts):
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, VOCAB, (6, 9), generator=g)
-    got = updating_logprobs(experts, windows, batch_size=3, alpha=0.3, posterior="one_step")
+    got = updating_logprobs(expert_logprobs(experts, windows), batch_size=3, alpha=0.3, posterior="one_step")
     assert got.shape == (6, 8)
     first = Ensemble(experts, None, "one_step").logprobs(windows[:3])
-    prior_after_first = cached_prior(experts, windows[:3], batch_size=3, alpha=0.3, posterior="one_step")
+    prior_after_first = cached_prior(expert_logprobs(experts, windows[:3]), batch_size=3, alpha=0.3, posterior="one_step")
     second = Ensemble(experts, prior_after_first, "one_step").logprobs(windows[3:])
     torch.testing.assert_close(got, torch.cat([first, second]), atol=1e-6, rtol=0)
 
@@ -230,7 +243,7 @@ def test_cached_prior_concentrates_on_matching_expert(mode):
     g = torch.Generator().manual_seed(5)
     for domain, own in (("A", 0), ("B", 1)):
         valid = domain_batch(domain, 40, 17, g)
-        prior, history = cached_prior(forest, valid, batch_size=4, alpha=0.3, posterior=mode, return_history=True)
+        prior, history = cached_prior(expert_logprobs(forest, valid), batch_size=4, alpha=0.3, posterior=mode, return_history=True)
         assert len(history) == 11
         assert prior[own] > 0.9, (domain, prior)
         assert abs(float(prior.sum()) - 1) < 1e-9

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _resume_child import PatternSampler
-from elmforest.combine.ensemble import Ensemble, cached_prior
+from elmforest.combine.ensemble import Ensemble
+from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.prior import cached_prior
 from elmforest.combine.evaluate import perplexity, token_logprobs
 from elmforest.models.factory import ModelSpec, build_model, measured_flops_per_token
 from elmforest.train.spec import TrainSpec
@@ -84,12 +86,16 @@ def test_ensemble_scoring_on_the_device_equals_the_cpu():
     gen = torch.Generator().manual_seed(0)
     valid = torch.randint(0, 300, (8, 33), generator=gen)
     test = torch.randint(0, 300, (12, 33), generator=gen)
-    prior_cpu = cached_prior(models, valid, batch_size=4)
+    prior_cpu = cached_prior(expert_logprobs(models, valid, 4), batch_size=4)
     cpu = perplexity(Ensemble(models, prior_cpu), test, batch_size=4)
     single_cpu = token_logprobs(models[0], test)
+    # the study's path: CPU-resident models, each moved to the device for its pass and back after it
+    moved = expert_logprobs(models, test, 4, device=DEVICE)
+    assert moved.device.type == "cpu" and all(next(m.parameters()).device.type == "cpu" for m in models)
+    assert torch.allclose(moved[0], single_cpu, atol=1e-4)
 
     on_device = [m.to(DEVICE) for m in models]
-    prior_dev = cached_prior(on_device, valid, batch_size=4)
+    prior_dev = cached_prior(expert_logprobs(on_device, valid, 4), batch_size=4)
     dev = perplexity(Ensemble(on_device, prior_dev), test, batch_size=4)
     single_dev = token_logprobs(on_device[0], test)
     assert single_dev.device.type == "cpu"  # returned on the tokens' device

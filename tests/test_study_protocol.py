@@ -41,7 +41,7 @@ def study(tmp_path_factory):
     _rewrite_valid_as_code(corpus)
     out = root / "run"
     data = tiny_recipe(corpus, out)
-    data["eval"]["prior_alpha"] = ALPHA
+    data["eval"].update(prior_alpha=ALPHA, window_seed=3, batch_size=5)  # not the CLI's defaults (0, 8)
     data["arms"] = {"random_split": False, "dense_multiples": [2]}
     path = write_recipe(root / "recipe.yaml", data)
     main(["run", str(path), "--no-progress"])
@@ -146,6 +146,53 @@ def test_cli_names_mean_what_the_study_names_mean(study, tmp_path, capsys):
     assert json.loads((tmp_path / "t_scores.json").read_text())["nll"] == pytest.approx(cache["nll"]["btm_ensemble_tuned"], abs=1e-5)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["mixing"] == cache["priors"]["btm_tuned"]["mixing"]
+
+
+def test_cli_ensemble_and_eval_give_the_studys_numbers(study, tmp_path, capsys):
+    """`elmforest eval` / `ensemble` on the study's forest with its eval settings (read from its recipe
+    with --recipe, or given as flags) give results.json's btm_ensemble_cached perplexity and cached
+    prior of every domain, to the last digit."""
+    recipe, out = study
+    results = json.loads((out / "results.json").read_text())
+    e = recipe.eval
+    row = results["btm_ensemble_cached"]
+    want = {**row["train"], **row["novel"]}
+    assert sorted(want) == ["animals", "code", "numbers"]
+    code, _, err = run_cli(["eval", out / "forest", "--recipe", out / "recipe.yaml", "--json", tmp_path / "e.json"], capsys)
+    assert code == 0, err
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert sorted(got["domains"]) == sorted(Corpus(recipe.corpus).domains) == sorted(want)
+    for d, ppl in want.items():
+        assert got["domains"][d]["ppl"] == ppl, d
+        assert got["prior"][d]["experts"] == results["priors"]["btm"][d], d
+    flags = ["--max-tokens", e.max_tokens_per_domain, "--window-seed", e.window_seed, "--prior-sequences",
+             e.prior_sequences, "--prior-batch", e.prior_batch, "--alpha", e.prior_alpha, "--posterior", e.posterior,
+             "--batch-size", e.batch_size]
+    for d in ("code", "numbers"):
+        code, _, err = run_cli(["ensemble", out / "forest", "--domain", d, *flags, "--json", tmp_path / "c.json"], capsys)
+        assert code == 0, err
+        ens = json.loads((tmp_path / "c.json").read_text())
+        assert ens["ppl"] == want[d] and ens["prior"]["experts"] == results["priors"]["btm"][d], d
+    # a flag given wins over the recipe (here the CLI's default window seed, not the study's 3): other
+    # windows give other numbers, so the equalities above can tell
+    code, _, err = run_cli(["ensemble", out / "forest", "--domain", "numbers", "--recipe", out / "recipe.yaml",
+                            "--window-seed", 0, "--json", tmp_path / "d.json"], capsys)
+    assert code == 0, err
+    other = json.loads((tmp_path / "d.json").read_text())
+    assert other["window_seed"] == 0 and other["max_tokens"] == e.max_tokens_per_domain
+    assert other["ppl"] != want["numbers"] and other["prior"]["experts"] != results["priors"]["btm"]["numbers"]
+
+
+def test_growth_prior_is_the_studys_cached_prior(study):
+    """Growth branches a new domain's expert from the same cached prior the study reports for that domain."""
+    from elmforest.btm.growth import forest_prior
+    from elmforest.btm.phases import model_context
+
+    recipe, out = study
+    results = json.loads((out / "results.json").read_text())
+    tok = out / "tokenizer"
+    got = forest_prior(out / "forest", Corpus(recipe.corpus), tok, "numbers", model_context(recipe, tok), recipe)
+    assert got == results["priors"]["btm"]["numbers"]
 
 
 def test_dense_at_twice_the_compute(study):

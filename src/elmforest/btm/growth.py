@@ -34,7 +34,9 @@ from elmforest.config import Recipe, recipe_from_dict
 from elmforest.data.corpus import Corpus
 from elmforest.errors import ElmError, require
 from elmforest.combine.forest import EXPERT_JSON, Forest, read_expert, read_json
-from elmforest.combine.scoring import estimate_prior, load_experts
+from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.prior import cached_prior
+from elmforest.combine.scoring import ExpertPool, prior_windows
 
 INITS = ("mixture", "seed", "nearest")
 GROW_JSON = "grow.json"
@@ -79,16 +81,16 @@ def forest_prior(
     forest_dir: Path, corpus: Corpus, tokenizer_dir: Path, domain: str, context: int, recipe: Recipe,
     models: list[torch.nn.Module] | None = None,
 ) -> dict[str, float]:
-    """The forest's cached prior on `eval.prior_sequences` valid windows of `domain` (drawn from the whole split)."""
+    """The forest's cached prior on `eval.prior_sequences` valid windows of `domain` (drawn from the whole
+    split), computed as the study computes it: the experts' log-probs in batches of `eval.batch_size`,
+    then `prior.cached_prior` with `eval.prior_batch`, `eval.prior_alpha` and `eval.posterior`."""
     forest = Forest(forest_dir)
     require(forest.names, "the forest has no experts to grow from", forest_dir)
     e = recipe.eval
-    models = models if models is not None else load_experts(forest)
-    with torch.inference_mode():
-        prior, _batches, _windows = estimate_prior(
-            models, corpus, tokenizer_dir, domain, context, e.prior_sequences, e.prior_batch, e.prior_alpha, e.posterior,
-            e.window_seed,
-        )
+    windows = prior_windows(corpus, tokenizer_dir, domain, context, e.prior_sequences, e.window_seed)
+    members = models if models is not None else [ExpertPool(forest).loader(n) for n in forest.names]  # one loaded at a time
+    lp = expert_logprobs(members, windows, e.batch_size)
+    prior = cached_prior(lp, e.prior_batch, e.prior_alpha, e.posterior)
     return dict(zip(forest.names, prior.tolist()))
 
 

@@ -19,14 +19,15 @@ from elmforest.cli.combine import (
     PRIOR_BATCH_OPT,
     PRIOR_SEQUENCES_OPT,
     WINDOW_SEED_OPT,
-    _device,
+    pick_device,
     parse_weights,
     prior_table,
 )
 from elmforest.console import stdout_console
 from elmforest.errors import require
 from elmforest.combine.forest import Forest
-from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, forest_prior, load_prior, resolve_corpus
+from elmforest.combine.prior import load_prior
+from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, forest_prior, resolve_corpus
 
 
 def average(
@@ -84,7 +85,7 @@ def average(
                 f"--method {method} needs --domain (whose cached prior gives the weights) or --load-prior",
             )
             corp = resolve_corpus(corpus, metas.values(), forest_path / "forest.json")
-            pool = ExpertPool(forest, _device(device))
+            pool = ExpertPool(forest, pick_device(device))
             record = forest_prior(pool, corp, domain, forest_context(forest), prior_sequences, prior_batch, alpha,
                                   posterior, window_seed)
         else:

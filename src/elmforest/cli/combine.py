@@ -6,7 +6,10 @@ the forest commands share (`commands.average`, `commands.generate` take them fro
     eval     TARGET              per-domain perplexity of a forest (ensemble) or a model folder
 
 The shared pieces (consistency checks, windows, priors, ensemble scoring) live in
-`elmforest.combine.scoring`, so the study runner computes the same numbers.
+`elmforest.combine` (`scoring`, `prior`, `logprobs`), so the study runner computes the same
+numbers: with a study's eval settings (--recipe RUN/recipe.yaml, or the flags --max-tokens,
+--window-seed, --prior-sequences, --prior-batch, --alpha, --posterior, --batch-size) `ensemble`
+and `eval` on its forest give its results.json perplexities and priors of btm_ensemble_cached.
 """
 
 from __future__ import annotations
@@ -22,21 +25,20 @@ from elmforest.console import stdout_console
 from elmforest.errors import ElmError, require
 from elmforest.combine.forest import Forest, read_json
 from elmforest.combine.ensemble import Mixing, check_posterior, posterior_help
+from elmforest.combine.logprobs import EVAL_BATCH
+from elmforest.combine.prior import PriorRecord, load_prior, save_prior
 from elmforest.combine.scoring import (
     PRIOR_MODES,
     ExpertPool,
     Members,
-    PriorRecord,
     check_forest_consistency,
     ensemble_scores,
     forest_context,
     forest_prior,
-    load_prior,
     model_context,
     model_scores,
     recorded_seed_dir,
     resolve_corpus,
-    save_prior,
     split_windows,
     tuned_prior,
 )
@@ -88,13 +90,42 @@ LOAD_PRIOR_OPT = typer.Option(
     None, "--load-prior", help="Use a prior saved with --save-prior instead of estimating one."
 )
 DEVICE_OPT = typer.Option("auto", "--device", help="Where models run: auto (cuda if available), cpu, cuda, cuda:1, ...")
+BATCH_SIZE_OPT = typer.Option(
+    EVAL_BATCH, "--batch-size", min=1,
+    help="Windows per forward pass (a study's eval.batch_size gives its results.json numbers to the last digit).",
+)
 JSON_OPT = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+STUDY_RECIPE_OPT = typer.Option(
+    None, "--recipe",
+    help="A study's recipe (RUN/recipe.yaml): its eval settings (max_tokens_per_domain, window_seed, prior_sequences, "
+    "prior_batch, prior_alpha, posterior, batch_size) stand in for those flags when not given, so the numbers are the "
+    "study's results.json ones (btm_ensemble_cached and its priors).",
+)
+# flag (parameter name) -> the recipe's eval field it stands for
+RECIPE_EVAL_FLAGS = {"max_tokens": "max_tokens_per_domain", "window_seed": "window_seed", "prior_sequences": "prior_sequences",
+                     "prior_batch": "prior_batch", "alpha": "prior_alpha", "posterior": "posterior", "batch_size": "batch_size"}
 
 
-def _device(name: str) -> str:
+def pick_device(name: str) -> str:
+    """The device a --device option names (auto: cuda when available, else cpu)."""
     from elmforest.train.budget import resolve_device
 
     return resolve_device(name)
+
+
+def study_eval_settings(ctx: typer.Context, recipe: Path | None) -> tuple[Any, ...]:
+    """The values of the RECIPE_EVAL_FLAGS, in that order: as given on the command line, else the
+    study recipe's eval settings (--recipe), else the flags' defaults."""
+    values = {flag: ctx.params[flag] for flag in RECIPE_EVAL_FLAGS}
+    if recipe is not None:
+        from elmforest.study.recipe import load_recipe
+
+        settings = load_recipe(recipe).eval
+        for flag, field in RECIPE_EVAL_FLAGS.items():
+            source = ctx.get_parameter_source(flag)
+            if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                values[flag] = getattr(settings, field)
+    return tuple(values.values())
 
 
 def _csv(text: str, option: str) -> list[str]:
@@ -149,7 +180,8 @@ def resolve_mixing(posterior: str, temperature: float, floor: float, decay: floa
     return posterior, Mixing(temperature=temperature, floor=floor, decay=decay or 0.0, with_seed=with_seed)
 
 
-def _members(pool: ExpertPool, metas: dict[str, dict[str, Any]], seed_dir: Path | None) -> Members:
+def forest_members(pool: ExpertPool, metas: dict[str, dict[str, Any]], seed_dir: Path | None) -> Members:
+    """The mixture's members: the pool's experts, and the seed from --seed-dir or the experts' seed_checkpoint."""
     if seed_dir is not None:
         require((seed_dir / "config.json").is_file(), "not a model folder (no config.json)", seed_dir)
     return Members(pool, seed_dir or recorded_seed_dir(metas.values()))
@@ -173,7 +205,7 @@ def _estimate_or_load(
     return None
 
 
-def _used_mixing(record: PriorRecord | None, posterior: str, mixing: Mixing) -> tuple[str, Mixing]:
+def used_mixing(record: PriorRecord | None, posterior: str, mixing: Mixing) -> tuple[str, Mixing]:
     """A record made with other settings (tuned, or a loaded file) brings its own posterior and mixing."""
     if record is not None and record.mixing is not None and (record.mix != Mixing() or record.posterior == "decayed"):
         return record.posterior, record.mix
@@ -208,6 +240,7 @@ def prior_table(record: PriorRecord, forest: Forest, used: list[str] | None = No
 
 
 def ensemble(
+    ctx: typer.Context,
     forest_path: Path = typer.Argument(..., metavar="FOREST", help="Forest folder (with forest.json)."),
     domain: str = typer.Option(
         ..., "--domain", help="Domain to evaluate: its valid split gives the prior, its split the score."
@@ -231,6 +264,8 @@ def ensemble(
     save: Path | None = typer.Option(None, "--save-prior", help="Write the cached prior (and its mixing) to this JSON file."),
     load: Path | None = LOAD_PRIOR_OPT,
     device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    study_recipe: Path | None = STUDY_RECIPE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Ensemble a forest's experts on one domain: print the cached prior and the perplexity.
@@ -238,16 +273,17 @@ def ensemble(
     The prior is the moving average of the batch-mean posterior over --prior-sequences validation windows drawn from the domain's valid split; frozen, it weights the ensemble scored on --max-tokens tokens drawn from --split, with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
+    max_tokens, window_seed, prior_sequences, prior_batch, alpha, posterior, batch_size = study_eval_settings(ctx, study_recipe)
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest, corp, context, metas = _forest_setup(forest_path, corpus)
     windows = split_windows(corp, forest.tokenizer_dir, domain, split, context, max_tokens, window_seed)  # fail fast
-    members = _members(ExpertPool(forest, _device(device)), metas, seed_dir)
+    members = forest_members(ExpertPool(forest, pick_device(device), batch_size), metas, seed_dir)
     record = _estimate_or_load(members, corp, domain, context, prior, load, prior_sequences, prior_batch, alpha,
                                posterior, window_seed, mix, mixing)
     if save is not None:
         require(record is not None, f"--save-prior needs --prior cached, not {prior}")
         save_prior(save, record)
-    posterior, mixing = _used_mixing(record, posterior, mixing)
+    posterior, mixing = used_mixing(record, posterior, mixing)
     scores, used = ensemble_scores(members, windows, prior, posterior, record, top_k, prior_batch, alpha, mixing)
 
     console = stdout_console()
@@ -282,6 +318,7 @@ def _mixing_text(mixing: Mixing) -> str:
 
 
 def evaluate(
+    ctx: typer.Context,
     target: Path = typer.Argument(
         ..., metavar="TARGET", help="A forest folder (ensemble) or a model folder (config.json + model.safetensors)."
     ),
@@ -305,6 +342,8 @@ def evaluate(
     prior_batch: int = PRIOR_BATCH_OPT,
     alpha: float = ALPHA_OPT,
     device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    study_recipe: Path | None = STUDY_RECIPE_OPT,
     json_out: Path | None = JSON_OPT,
 ) -> None:
     """Per-domain perplexity of a forest (ensemble, prior estimated per domain) or one model.
@@ -312,16 +351,17 @@ def evaluate(
     Every target is scored on the same windows: --max-tokens tokens drawn from each domain's whole split (seeded), cut at the model's context length; each perplexity comes with a 95% bootstrap interval over the documents scored.
     """
     _check_prior_mode(prior)
+    max_tokens, window_seed, prior_sequences, prior_batch, alpha, posterior, batch_size = study_eval_settings(ctx, study_recipe)
     posterior, mixing = resolve_mixing(posterior, temperature, floor, decay, with_seed)
     forest = open_target(target)
-    dev = _device(device)
+    dev = pick_device(device)
     kind = "forest" if forest is not None else "model"
     result: dict[str, Any] = {"target": str(target), "kind": kind, "split": split, "max_tokens": max_tokens,
                               "window_seed": window_seed}
     if forest is not None:
         forest, corp, context, metas = _forest_setup(target, corpus)
         tokenizer_dir = forest.tokenizer_dir
-        members = _members(ExpertPool(forest, dev), metas, seed_dir)
+        members = forest_members(ExpertPool(forest, dev, batch_size), metas, seed_dir)
     else:
         from elmforest.models.factory import load_model
         from elmforest.data.tokenizer import tokenizer_hash
@@ -342,11 +382,11 @@ def evaluate(
     for d in chosen:
         windows = split_windows(corp, tokenizer_dir, d, split, context, max_tokens, window_seed)
         if forest is None:
-            scores = model_scores(model, windows)
+            scores = model_scores(model, windows, batch_size)
         else:
             record = _estimate_or_load(members, corp, d, context, prior, None, prior_sequences, prior_batch, alpha,
                                        posterior, window_seed, mix, mixing)
-            post, mixed = _used_mixing(record, posterior, mixing)
+            post, mixed = used_mixing(record, posterior, mixing)
             scores, used = ensemble_scores(members, windows, prior, post, record, top_k, prior_batch, alpha, mixed)
             result["ensemble"]["experts_run"][d] = used
             result["ensemble"]["mixing"][d] = {"posterior": post, **mixed.to_json()}

@@ -16,15 +16,16 @@ from elmforest.cli.combine import (
     POSTERIOR_OPT,
     SEED_MEMBER_DIR_OPT,
     WITH_SEED_OPT,
-    _device,
-    _members,
-    _used_mixing,
+    pick_device,
+    forest_members,
+    used_mixing,
     open_target,
     resolve_mixing,
 )
 from elmforest.combine.ensemble import Mixing
 from elmforest.errors import require
-from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, load_prior, resolve_corpus, tuned_prior
+from elmforest.combine.prior import load_prior
+from elmforest.combine.scoring import ExpertPool, check_forest_consistency, forest_context, resolve_corpus, tuned_prior
 
 
 def generate_text(
@@ -69,11 +70,11 @@ def generate_text(
 
     posterior, mixing = resolve_mixing(posterior, mix_temperature, floor, decay, with_seed)
     forest = open_target(target)
-    dev = _device(device)
+    dev = pick_device(device)
     prior = None
     if forest is not None:
         metas = check_forest_consistency(forest)
-        members = _members(ExpertPool(forest, dev), metas, seed_dir)
+        members = forest_members(ExpertPool(forest, dev), metas, seed_dir)
         record = None
         if mix == "auto":
             require(domain is not None, "--mix auto needs --domain (whose valid windows tune the mixing)")
@@ -84,7 +85,7 @@ def generate_text(
             record = load_prior(prior_file, forest.names)
         else:
             require(mix == "none", f"--mix {mix!r}: choose none or auto")
-        posterior, mixing = _used_mixing(record, posterior, mixing)
+        posterior, mixing = used_mixing(record, posterior, mixing)
         names = members.names(mixing.with_seed)
         weights = record.vector(names) if record is not None else None
         used = names if weights is None else [n for n, w in zip(names, weights.tolist()) if w > 0]

@@ -23,11 +23,10 @@ gamma = 1 full_prefix), and whether the seed joins the experts as a generalist m
 text the full-prefix posterior locks onto one expert within a window; the one-step posterior
 stays near the prior and scored best in the pilot (shared/PILOT.md), so it is the default.
 
-Priors: `cached_prior` runs the experts on validation windows of the evaluation domain and
-smooths the batch-mean posterior with an exponential moving average (the reference code:
-start uniform, batches of 4, prior <- 0.7 prior + 0.3 batch_mean); `updating_logprobs` carries
-the same moving average across the test batches themselves. `top_k_prior` keeps the k largest
-entries; an `Ensemble` only runs experts whose prior is non-zero, so cost scales with k, not n.
+Priors: the cached and the updating prior (the reference code's moving average of batch-mean
+posteriors) are `elmforest.combine.prior`'s. `top_k_prior` keeps the k largest entries; an
+`Ensemble` only runs experts whose prior is non-zero, so cost scales with k, not n. The experts'
+log-probs come from `elmforest.combine.logprobs.expert_logprobs`, the function every scorer uses.
 
 Shapes: tokens [B, T+1] (T predicted tokens per window); expert log-probs [k, B, T]; weights
 [k, B, T]; mixture log-probs [B, T]. Weights are computed in float64 (prefix sums over long
@@ -37,15 +36,15 @@ windows reach thousands of nats, where float32 loses the differences between exp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from elmforest.combine.logprobs import expert_logprobs
 from elmforest.errors import ElmError, require
-from elmforest.combine.evaluate import token_logprobs
 
 Evidence = Callable[[torch.Tensor, "Mixing"], torch.Tensor]  # lp [k, ..., T] float64 -> evidence [k, ..., T]
 
@@ -86,6 +85,7 @@ class Mixing:
 
 
 NO_MIXING = Mixing()
+SEED_MEMBER = "seed"  # the seed's name among the members when it joins the mixture (Mixing.with_seed)
 
 
 def _shifted(lp: torch.Tensor) -> torch.Tensor:
@@ -152,8 +152,6 @@ def posterior_help() -> str:
     return "; ".join(f"{name}: {p.help}" for name, p in POSTERIORS.items())
 
 
-ExpertLogprobFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T+1] -> [k, B, T]
-Experts = Sequence[nn.Module] | ExpertLogprobFn
 PriorLike = torch.Tensor | Sequence[float]
 
 
@@ -190,11 +188,6 @@ def top_k_prior(prior: PriorLike, k: int) -> torch.Tensor:
     out = torch.zeros_like(p)
     out[keep] = p[keep]
     return out / out.sum()
-
-
-def expert_logprobs(models: Sequence[nn.Module], tokens: torch.Tensor) -> torch.Tensor:
-    """Each expert's log p_j(x_t | x_<t), t = 1..T: tokens [B, T+1] -> float32 [k, B, T]."""
-    return torch.stack([token_logprobs(m, tokens) for m in models])
 
 
 def posterior_log_weights(
@@ -266,7 +259,7 @@ class Ensemble:
 
     def expert_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """log-probs of the active experts only: tokens [B, T+1] -> [k_active, B, T]."""
-        return expert_logprobs([self.models[j] for j in self.active], tokens)
+        return expert_logprobs(self.models, tokens, batch_size=len(tokens), prior=self.prior)
 
     def _active_log_weights(self, expert_lp: torch.Tensor) -> torch.Tensor:
         return posterior_log_weights(expert_lp, self.prior[self.active].log(), self.posterior, self.mixing)
@@ -285,90 +278,3 @@ class Ensemble:
         out = torch.zeros((len(self.models), *active_w.shape[1:]), dtype=torch.float64)
         out[self.active] = active_w.cpu()
         return out
-
-
-def _logprob_fn(experts: Experts) -> ExpertLogprobFn:
-    if not isinstance(experts, (list, tuple, nn.ModuleList)):
-        require(callable(experts), "experts must be a list of models or a function tokens -> [n, B, T]")
-        return experts
-    models = list(experts)
-    for m in models:
-        m.eval()
-    return lambda tokens: expert_logprobs(models, tokens)
-
-
-def _ema_walk(
-    experts: Experts,
-    windows: torch.Tensor,
-    batch_size: int,
-    alpha: float,
-    posterior: str,
-    prior: PriorLike | None,
-    mixing: Mixing = NO_MIXING,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The reference code's moving-average prior, batch by batch.
-
-    For each batch of windows yields (expert log-probs [n, b, T], the log weights used on this
-    batch under the prior *before* it, the prior *after* it), where
-
-        prior <- (1 - alpha) * prior + alpha * mean_{windows, positions} w(t).
-    """
-    check_posterior(posterior)
-    require(0.0 < alpha <= 1.0, f"alpha must be in (0, 1], got {alpha}")
-    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-    require(windows.ndim == 2 and windows.shape[0] >= 1, "need at least one window [N, T+1]")
-    fn = _logprob_fn(experts)
-    current: torch.Tensor | None = None
-    for start in range(0, windows.shape[0], batch_size):
-        lp = fn(windows[start : start + batch_size])  # [n, b, T]
-        if current is None:
-            current = normalise_prior(prior, lp.shape[0])
-        logw = posterior_log_weights(lp, current.log(), posterior, mixing)
-        batch_mean = logw.exp().mean(dim=(1, 2)).cpu()  # [n]
-        current = (1 - alpha) * current + alpha * batch_mean
-        yield lp, logw, current
-
-
-def cached_prior(
-    experts: Experts,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    alpha: float = 0.3,
-    posterior: str = "one_step",
-    return_history: bool = False,
-    mixing: Mixing = NO_MIXING,
-) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """The cached prior over experts from validation windows of the evaluation domain.
-
-    experts: the models, or a function tokens -> [n, B, T]. Starting from uniform, each batch of
-    `batch_size` windows updates prior <- (1-alpha) prior + alpha * (mean posterior over the
-    batch's windows and positions, under the current prior and `posterior`). Returns the final
-    prior (float64 [n]); with return_history also the list of priors after each batch (the
-    uniform start first). The estimate depends on how many batches it sees (with alpha 0.3 the
-    start's weight is 0.7^batches): use ~100 windows in batches of 4, as the reference does.
-    """
-    history: list[torch.Tensor] = []
-    final: torch.Tensor | None = None
-    for lp, _logw, final in _ema_walk(experts, windows, batch_size, alpha, posterior, None, mixing):
-        if not history:
-            history.append(normalise_prior(None, lp.shape[0]))
-        history.append(final)
-    assert final is not None  # _ema_walk refuses an empty set of windows
-    return (final, history) if return_history else final
-
-
-def updating_logprobs(
-    experts: Experts,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    alpha: float = 0.3,
-    posterior: str = "one_step",
-    prior: PriorLike | None = None,
-    mixing: Mixing = NO_MIXING,
-) -> torch.Tensor:
-    """Mixture log-probs [N, T] under the *updating* prior: the cached-prior moving average run
-    over the test windows themselves, scoring batch b with the prior after batches < b (so no
-    window sees its own tokens through the prior). Starts from `prior` (uniform when None)."""
-    walk = _ema_walk(experts, windows, batch_size, alpha, posterior, prior, mixing)
-    out = [mix_logprobs(lp, logw) for lp, logw, _ in walk]
-    return torch.cat(out, dim=0)

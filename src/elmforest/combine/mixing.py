@@ -15,7 +15,8 @@ candidate (the moving average depends on the settings):
         nll_c   = NLL of the mixture with prior_c and c on the same valid windows
     choose argmin nll_c (ties go to the candidate listed first: the plain one-step ensemble)
 
-Everything works on precomputed log-probs ([members, P, T]), so the grid costs no model pass.
+Everything works on precomputed log-probs ([members, P, T], `logprobs.expert_logprobs`) and the one
+cached-prior computation (`prior.cached_prior`), so the grid costs no model pass.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import Any
 
 import torch
 
-from elmforest.combine.ensemble import Mixing, cached_prior, mix_logprobs, posterior_log_weights
+from elmforest.combine.ensemble import SEED_MEMBER, Mixing, mix_logprobs, posterior_log_weights
+from elmforest.combine.logprobs import mean_nll
+from elmforest.combine.prior import cached_prior
 from elmforest.errors import require
 
-SEED_MEMBER = "seed"  # the seed's name among the members when it joins the mixture
 TUNED_POSTERIOR = "decayed"  # Mixing.decay spans one_step (0) .. full_prefix (1)
 
 # The grid (96 candidates): the first entry is the plain one-step cached-prior ensemble.
@@ -78,7 +80,7 @@ def mixture_logprobs(lp: torch.Tensor, prior: torch.Tensor, posterior: str, mixi
 
 def mixture_nll(lp: torch.Tensor, prior: torch.Tensor, posterior: str, mixing: Mixing = Mixing()) -> float:
     """Mean NLL per token of the mixture (see `mixture_logprobs`)."""
-    return float(-mixture_logprobs(lp, prior, posterior, mixing).double().mean())
+    return mean_nll(mixture_logprobs(lp, prior, posterior, mixing))
 
 
 def members_logprobs(expert_lp: torch.Tensor, seed_lp: torch.Tensor | None, with_seed: bool) -> torch.Tensor:
@@ -87,12 +89,6 @@ def members_logprobs(expert_lp: torch.Tensor, seed_lp: torch.Tensor | None, with
         return expert_lp
     require(seed_lp is not None, "mixing with_seed needs the seed's log-probs")
     return torch.cat([expert_lp, seed_lp.unsqueeze(0).to(expert_lp.dtype)])
-
-
-def ema_prior(valid_lp: torch.Tensor, batch: int, alpha: float, posterior: str, mixing: Mixing = Mixing()) -> torch.Tensor:
-    """The cached prior (the reference code's moving average) from precomputed valid log-probs [k, P, T]."""
-    rows = torch.arange(valid_lp.shape[1]).unsqueeze(1)  # [P, 1]: "windows" are row numbers
-    return cached_prior(lambda idx: valid_lp[:, idx[:, 0]], rows, batch, alpha, posterior, mixing=mixing)
 
 
 def tune_mixing(
@@ -118,7 +114,7 @@ def tune_mixing(
         if mixing.with_seed and seed_valid_lp is None:
             continue
         lp = members_logprobs(valid_lp, seed_valid_lp, mixing.with_seed)
-        prior = ema_prior(lp, batch, alpha, TUNED_POSTERIOR, mixing)
+        prior = cached_prior(lp, batch, alpha, TUNED_POSTERIOR, mixing)
         nll = mixture_nll(lp, prior, TUNED_POSTERIOR, mixing)
         tried += 1
         if i == 0:

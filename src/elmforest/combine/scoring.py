@@ -4,53 +4,43 @@ study runner share.
     check_forest_consistency  every expert shares the forest's tokenizer and architecture
     resolve_corpus            --corpus, else the corpus recorded in the experts' expert.json
     split_windows             a domain split's evaluation windows, spread over the whole split
-    estimate_prior            the cached prior over experts from a domain's valid windows
     ExpertPool, Members       a forest's experts loaded on first use (top-k loads only k), plus the seed
-    forest_prior, tuned_prior the cached prior as a record; `--mix auto` chooses the mixing settings
+    forest_prior, tuned_prior the cached prior of a domain as a record; `--mix auto` chooses the mixing settings
     ensemble_scores           perplexity of a domain-posterior ensemble on fixed windows
 
 Every method is scored on the same windows: max_tokens // context windows drawn (seeded) from a
-domain's whole split by `evaluate.spread_windows`, cut at the model's context length. The cached
-prior follows the reference code: `sequences` (100) valid windows, batches of 4, an exponential
-moving average with alpha 0.3 (see `ensemble.cached_prior`); `PriorRecord` is its on-disk form
-
-    {"domain", "experts": {member: weight}, "posterior", "batches", "windows", "alpha",
-     "mixing": {"temperature", "floor", "decay", "with_seed"}}
+domain's whole split by `evaluate.spread_windows`, cut at the model's context length. Every
+number starts from the members' log-probs on those windows (`logprobs.expert_logprobs`, in
+batches of the pool's `batch_size`) and is a re-weighting of that table, exactly as the study
+computes it: the cached prior (`prior.cached_prior`: `sequences` (100) valid windows, batches of
+4, a moving average with alpha 0.3; `prior.PriorRecord` is its on-disk form), then the mixture
+(`mixing.mixture_logprobs`). With the study's settings (`eval.*` of its recipe) `elmforest
+ensemble` and `eval` give its results.json numbers.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from elmforest import storage
 from elmforest.data.corpus import Corpus
-from elmforest.combine.ensemble import (
-    NO_MIXING,
-    Ensemble,
-    Mixing,
-    cached_prior,
-    check_posterior,
-    normalise_prior,
-    top_k_prior,
-    updating_logprobs,
-)
-from elmforest.combine.mixing import SEED_MEMBER, TUNED_POSTERIOR, ema_prior, tune_mixing
+from elmforest.combine.ensemble import NO_MIXING, SEED_MEMBER, Mixing, check_posterior, normalise_prior, top_k_prior
+from elmforest.combine.logprobs import EVAL_BATCH, Member, expert_logprobs, mean_nll
+from elmforest.combine.mixing import TUNED_POSTERIOR, mixture_logprobs, tune_mixing
+from elmforest.combine.prior import PriorRecord, cached_prior, ema_batches, updating_logprobs
 from elmforest.errors import ElmError, require
-from elmforest.combine.evaluate import EvalWindows, document_sums, perplexity, spread_windows, token_logprobs, window_seed
+from elmforest.combine.evaluate import EvalWindows, document_sums, spread_windows, window_seed
 from elmforest.combine.forest import Forest, read_expert, read_json
 from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash
 from elmforest.data.tokens import token_array
 
 PRIOR_MODES = ("cached", "updating", "uniform")
-EVAL_BATCH = 8  # windows per forward pass when scoring; the same everywhere so numbers match
 
 
 # --- forests, models, corpora -------------------------------------------------------------
@@ -142,15 +132,18 @@ def load_experts(forest: Forest, names: Sequence[str] | None = None, device: str
 
 
 class ExpertPool:
-    """A forest's experts, each loaded on first use and then kept.
+    """A forest's experts, each loaded on first use and then kept, and how they are scored.
 
-    A top-k ensemble only touches k experts, so only k are ever loaded; `logprobs` scores every
-    expert without keeping the ones not yet loaded (one model in memory at a time).
+    A top-k ensemble only touches k experts, so only k are ever loaded; `logprobs` scores experts
+    without keeping the ones not yet loaded (one model in memory at a time), `batch_size` windows
+    per forward pass (the study's `eval.batch_size` gives its numbers).
     """
 
-    def __init__(self, forest: Forest, device: str = "cpu"):
+    def __init__(self, forest: Forest, device: str = "cpu", batch_size: int = EVAL_BATCH):
+        require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
         self.forest = forest
         self.device = device
+        self.batch_size = batch_size
         self._models: dict[str, nn.Module] = {}
 
     @property
@@ -165,16 +158,13 @@ class ExpertPool:
     def models(self, names: Sequence[str] | None = None) -> list[nn.Module]:
         return [self.get(n) for n in (self.names if names is None else names)]
 
-    def logprobs(self, windows: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-        """Every expert's log p(x_t | x_<t) on `windows` [N, T+1] -> float32 [n, N, T] (CPU)."""
-        rows = []
-        for name in self.names:
-            model = self._models[name] if name in self._models else load_experts(self.forest, [name], self.device)[0]
-            rows.append(
-                torch.cat([token_logprobs(model, windows[s : s + batch_size]) for s in range(0, len(windows), batch_size)])
-            )
-            del model
-        return torch.stack(rows)
+    def loader(self, name: str) -> Member:
+        """The expert if loaded, else a function loading it (for `expert_logprobs`, which drops it after its pass)."""
+        return self._models[name] if name in self._models else lambda: load_experts(self.forest, [name], self.device)[0]
+
+    def logprobs(self, windows: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+        """The experts' (all, or those named) log p(x_t | x_<t) on `windows` [N, T+1] -> float32 [k, N, T]."""
+        return expert_logprobs([self.loader(n) for n in (self.names if names is None else names)], windows, self.batch_size)
 
 
 # --- windows and priors -------------------------------------------------------------------
@@ -230,82 +220,6 @@ def eos_id(tokenizer_dir: str | Path) -> int | None:
     return _eos_id(str(tokenizer_dir), tokenizer_hash(Path(tokenizer_dir)))
 
 
-ExpertsLike = Sequence[nn.Module] | Callable[[torch.Tensor], torch.Tensor] | ExpertPool
-
-
-def _window_table(experts: ExpertsLike, windows: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """(a log-prob function, the windows to walk): an ExpertPool is scored once, one expert at a time,
-    and `cached_prior` then walks window indices into that table, so it sees exactly the same batches."""
-    if isinstance(experts, ExpertPool):
-        table = experts.logprobs(windows)  # [n, N, T], each expert run once over all windows
-        return (lambda idx: table[:, idx[:, 0]]), torch.arange(len(windows)).unsqueeze(1)
-    return experts, windows
-
-
-def estimate_prior(
-    experts: ExpertsLike,
-    corpus: Corpus,
-    tokenizer_dir: str | Path,
-    domain: str,
-    context: int,
-    sequences: int = 100,
-    batch: int = 4,
-    alpha: float = 0.3,
-    posterior: str = "one_step",
-    window_seed: int = 0,
-    mixing: Mixing = NO_MIXING,
-) -> tuple[torch.Tensor, int, int]:
-    """The cached prior over experts for `domain` -> (prior float64 [n], EMA batches, windows).
-
-    experts: models, a log-prob function tokens [B, T+1] -> [n, B, T], or an ExpertPool (scored
-    one expert at a time, so memory holds one model, not n). posterior: the mode used inside the
-    moving average; one that does not update ("prior", "uniform") falls back to "one_step", since
-    it cannot move the prior. The windows are `sequences` valid windows spread over the split.
-    """
-    if not check_posterior(posterior).updates:
-        posterior = "one_step"
-    windows = prior_windows(corpus, tokenizer_dir, domain, context, sequences, window_seed)
-    fn, walk = _window_table(experts, windows)
-    prior = cached_prior(fn, walk, batch_size=batch, alpha=alpha, posterior=posterior, mixing=mixing)
-    return prior, math.ceil(len(windows) / batch), len(windows)
-
-
-@dataclass
-class PriorRecord:
-    """A cached prior as saved by `--save-prior`: weights by member name plus how it was made.
-
-    Members are the forest's experts, and `seed` when the mixing lets the seed join; `mixing`
-    holds the temperature, floor, decay and with_seed the prior was estimated (and is to be used) with.
-    """
-
-    domain: str
-    experts: dict[str, float]
-    posterior: str
-    batches: int
-    windows: int
-    alpha: float = 0.3
-    mixing: dict[str, Any] | None = None
-
-    def vector(self, names: Sequence[str]) -> torch.Tensor:
-        """The prior in `names` order (members the record does not name get 0), normalised."""
-        return normalise_prior([self.experts.get(n, 0.0) for n in names], len(names))
-
-    @property
-    def mix(self) -> Mixing:
-        return Mixing.from_json(self.mixing)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "domain": self.domain,
-            "experts": dict(self.experts),
-            "posterior": self.posterior,
-            "batches": self.batches,
-            "windows": self.windows,
-            "alpha": self.alpha,
-            "mixing": self.mix.to_json(),
-        }
-
-
 class Members:
     """The mixture's members: a forest's experts (loaded lazily) and, when mixing asks, its seed."""
 
@@ -328,14 +242,10 @@ class Members:
     def models(self, names: Sequence[str]) -> list[nn.Module]:
         return [self.seed() if n == SEED_MEMBER else self.pool.get(n) for n in names]
 
-    def logprobs(self, windows: torch.Tensor, with_seed: bool) -> torch.Tensor:
-        """[members, N, T] on `windows`: every expert (one at a time), then the seed."""
-        lp = self.pool.logprobs(windows)
-        if not with_seed:
-            return lp
-        seed = self.seed()
-        rows = [token_logprobs(seed, windows[s : s + EVAL_BATCH]) for s in range(0, len(windows), EVAL_BATCH)]
-        return torch.cat([lp, torch.cat(rows).cpu().unsqueeze(0)])
+    def logprobs(self, windows: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The named members' log-probs on `windows` -> [k, N, T] (experts not yet loaded one at a time)."""
+        loaders = [self.seed if n == SEED_MEMBER else self.pool.loader(n) for n in names]
+        return expert_logprobs(loaders, windows, self.pool.batch_size)
 
 
 def recorded_seed_dir(metas: Iterable[Mapping[str, Any]]) -> Path | None:
@@ -359,14 +269,16 @@ def forest_prior(
     window_seed: int = 0,
     mixing: Mixing = NO_MIXING,
 ) -> PriorRecord:
-    """Estimate the cached prior of a forest's members on `domain` (see `estimate_prior`)."""
+    """The cached prior of a forest's members (the experts, and the seed when `mixing.with_seed`)
+    on `sequences` valid windows of `domain` spread over the split (`prior.cached_prior` on their
+    log-probs) -> its record. posterior: the mode used inside the moving average; one that does
+    not update ("prior", "uniform") falls back to "one_step", since it cannot move the prior."""
     members = pool if isinstance(pool, Members) else Members(pool)
     used = posterior if check_posterior(posterior).updates else "one_step"
     names = members.names(mixing.with_seed)
     windows = prior_windows(corpus, members.pool.forest.tokenizer_dir, domain, context, sequences, window_seed)
-    table = members.logprobs(windows, mixing.with_seed)
-    prior = ema_prior(table, batch, alpha, used, mixing)
-    return PriorRecord(domain, dict(zip(names, prior.tolist())), used, math.ceil(len(windows) / batch), len(windows),
+    prior = cached_prior(members.logprobs(windows, names), batch, alpha, used, mixing)
+    return PriorRecord(domain, dict(zip(names, prior.tolist())), used, ema_batches(len(windows), batch), len(windows),
                        alpha, mixing.to_json())
 
 
@@ -384,45 +296,10 @@ def tuned_prior(
     (`mixing.tune_mixing`, the same grid as the study's `btm_ensemble_tuned`) -> the prior record."""
     windows = prior_windows(corpus, members.pool.forest.tokenizer_dir, domain, context, sequences, window_seed)
     expert_lp = members.pool.logprobs(windows)
-    seed_lp = members.logprobs(windows, True)[-1] if members.seed_dir is not None else None
+    seed_lp = members.logprobs(windows, [SEED_MEMBER])[0] if members.seed_dir is not None else None
     tuned = tune_mixing(list(members.pool.names), expert_lp, seed_lp, batch, alpha)
     return PriorRecord(domain, dict(zip(tuned.members, tuned.prior.tolist())), TUNED_POSTERIOR,
-                       math.ceil(len(windows) / batch), len(windows), alpha, tuned.mixing.to_json())
-
-
-def save_prior(path: str | Path, record: PriorRecord) -> None:
-    """Write a prior record as JSON (atomically)."""
-    storage.write_json(path, record.to_json())
-
-
-def load_prior(path: str | Path, names: Sequence[str]) -> PriorRecord:
-    """Read a prior record; every member it names must be one of `names` (the forest's) or the seed."""
-    path = Path(path)
-    data = read_json(path, "prior file")
-    experts = data.get("experts")
-    require(isinstance(experts, dict) and experts, "field 'experts' must be a non-empty {name: weight} object", path)
-    unknown = [k for k in experts if k not in names and k != SEED_MEMBER]
-    require(not unknown, f"unknown expert(s) {', '.join(map(repr, unknown))}; the forest has {', '.join(names)}", path)
-    for k, w in experts.items():
-        ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-        require(ok, f"experts.{k} must be a non-negative number, got {w!r}", path)
-    require(sum(experts.values()) > 0, "field 'experts' has all-zero weights", path)
-    mixing = data.get("mixing")
-    require(mixing is None or isinstance(mixing, dict), "field 'mixing' must be an object", path)
-    try:
-        mix = Mixing.from_json(mixing)
-    except (ElmError, TypeError, ValueError) as e:
-        raise ElmError(f"field 'mixing': {getattr(e, 'detail', e)}", path) from None
-    require(mix.with_seed == (SEED_MEMBER in experts), "field 'mixing.with_seed' disagrees with a 'seed' entry in 'experts'", path)
-    return PriorRecord(
-        domain=str(data.get("domain", "")),
-        experts={k: float(v) for k, v in experts.items()},
-        posterior=str(data.get("posterior", "")),
-        batches=int(data.get("batches", 0)),
-        windows=int(data.get("windows", 0)),
-        alpha=float(data.get("alpha", 0.3)),
-        mixing=mix.to_json(),
-    )
+                       ema_batches(len(windows), batch), len(windows), alpha, tuned.mixing.to_json())
 
 
 # --- ensemble scoring ---------------------------------------------------------------------
@@ -443,7 +320,7 @@ def ensemble_prior(names: Sequence[str], prior_mode: str, cached: PriorRecord | 
 def logprob_scores(logprobs: torch.Tensor, windows: EvalWindows | None = None, resamples: int = 1000) -> dict[str, Any]:
     """{"ppl", "nll", "tokens"} of a [N, T] table of log-probs (as `evaluate.perplexity`); with the
     windows' document labels also "documents" and "ppl_ci", a 95% bootstrap interval over documents."""
-    nll = -float(logprobs.double().sum()) / logprobs.numel()
+    nll = mean_nll(logprobs)
     out: dict[str, Any] = {"ppl": math.exp(nll), "nll": nll, "tokens": logprobs.numel()}
     if windows is not None:
         import numpy as np
@@ -455,10 +332,6 @@ def logprob_scores(logprobs: torch.Tensor, windows: EvalWindows | None = None, r
         out["documents"] = len(tokens)
         out["ppl_ci"] = Bootstrap({"d": docs}, {"all": ["d"]}, resamples).domain_ci("m", "d")
     return out
-
-
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fn(windows[s : s + EVAL_BATCH]).cpu() for s in range(0, len(windows), EVAL_BATCH)])
 
 
 def ensemble_logprobs(
@@ -478,22 +351,20 @@ def ensemble_logprobs(
     updated per position by `posterior` with `mixing`. uniform: fixed 1/k weights (no per-token
     update: the study's btm_ensemble_uniform). updating: the moving-average prior carried across
     the test windows in batches of `prior_batch` (all members run). Members are the experts plus
-    the seed when `mixing.with_seed`.
+    the seed when `mixing.with_seed`. The members' log-probs on the windows are computed once
+    and re-weighted (`mixing.mixture_logprobs`), as the study does.
     """
     members = members if isinstance(members, Members) else Members(members)
     check_posterior(posterior)
     names = members.names(mixing.with_seed)
     if prior_mode == "updating":
         require(top_k is None, "--top-k needs --prior cached (an updating prior ranks no experts up front)")
-        lp = updating_logprobs(members.models(names), windows, batch_size=prior_batch, alpha=alpha,
-                               posterior=posterior, mixing=mixing)
-        return lp, names
+        return updating_logprobs(members.logprobs(windows, names), prior_batch, alpha, posterior, mixing=mixing), names
     if prior_mode == "uniform":
         posterior = "uniform"  # fixed 1/k weights: the same meaning as the study's btm_ensemble_uniform
     prior = ensemble_prior(names, prior_mode, cached, top_k)
     used = [n for n, w in zip(names, prior.tolist()) if w > 0]
-    ens = Ensemble(members.models(used), prior[prior > 0], posterior, mixing)
-    return _batched(ens.logprobs, windows), used
+    return mixture_logprobs(members.logprobs(windows, used), prior[prior > 0], posterior, mixing), used
 
 
 def ensemble_scores(
@@ -514,8 +385,8 @@ def ensemble_scores(
     return logprob_scores(lp, windows if isinstance(windows, EvalWindows) else None), used
 
 
-def model_scores(model: nn.Module, windows: torch.Tensor | EvalWindows) -> dict[str, Any]:
-    """Perplexity of one causal LM on `windows` (same batching as the ensemble)."""
-    if isinstance(windows, EvalWindows):
-        return logprob_scores(_batched(lambda t: token_logprobs(model, t), windows.tokens), windows)
-    return perplexity(model, windows, EVAL_BATCH)
+def model_scores(model: nn.Module, windows: torch.Tensor | EvalWindows, batch_size: int = EVAL_BATCH) -> dict[str, Any]:
+    """Perplexity of one causal LM on `windows` (the same log-probs as an expert's in an ensemble)."""
+    tokens = windows.tokens if isinstance(windows, EvalWindows) else windows
+    lp = expert_logprobs([model], tokens, batch_size)[0]
+    return logprob_scores(lp, windows if isinstance(windows, EvalWindows) else None)

@@ -18,9 +18,10 @@ the domain posterior P(D=j | x_<t), computed exactly as a BTM ensemble computes 
 where p_j is the likelihood of the context with only domain j's MLPs active (one forward pass
 per domain), then runs one more forward pass with the MLP outputs mixed by those weights.
 `one_step` uses only the previous token's probability for p_j(x_<t) (the released code);
-`full_prefix` uses the whole prefix (the paper's formula). The posterior and the cached prior
-are `elmforest.combine.ensemble`'s own functions, fed with the n single-domain passes, so a DEMix model
-and a BTM forest are weighted by exactly the same rule.
+`full_prefix` uses the whole prefix (the paper's formula). The n single-domain passes are the
+experts of a forest (`DomainView`), scored by `logprobs.expert_logprobs`, and the posterior and
+the cached prior are `elmforest.combine`'s own (`ensemble.posterior_log_weights`,
+`prior.cached_prior`), so a DEMix model and a BTM forest are weighted by exactly the same rule.
 
 On disk (`save_demix`): `config.json` (the *dense* base model's config), `model.safetensors`
 (the DEMix weights, keys `...mlp.experts.<j>....`) and `demix.json`
@@ -33,6 +34,7 @@ import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +45,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from elmforest.models import checkpoint
 
 from elmforest import storage
-from elmforest.combine.ensemble import PriorLike, cached_prior, normalise_prior, posterior_log_weights
-from elmforest.errors import ElmError, require
+from elmforest.combine.ensemble import PriorLike, normalise_prior, posterior_log_weights
 from elmforest.combine.evaluate import token_logprobs
+from elmforest.combine.logprobs import expert_logprobs
+from elmforest.combine.prior import cached_prior
+from elmforest.errors import ElmError, require
 
 DEMIX_FORMAT = "elmforest-demix/1"
 
@@ -181,20 +185,39 @@ def clear_routing(model: PreTrainedModel) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference: the domain posterior, computed by the ensemble module's own functions
+# Inference: the domain posterior, computed by the combine layer's own functions
 
 
-@torch.no_grad()
+class DomainView(nn.Module):
+    """A DEMix model with only domain j's MLPs active: the j-th expert of the forest it stands for.
+
+    Its forward pass routes every sequence through domain j and clears the routing after, so
+    `expert_logprobs` scores a DEMix model's domains exactly as it scores a forest's experts.
+    """
+
+    def __init__(self, model: PreTrainedModel, domain: int):
+        super().__init__()
+        self.model, self.domain = model, domain
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        set_domains(self.model, torch.full((input_ids.shape[0],), self.domain, dtype=torch.long))
+        try:
+            return self.model(input_ids)
+        finally:
+            clear_routing(self.model)
+
+
+def domain_views(model: PreTrainedModel) -> list[DomainView]:
+    """The n single-domain views of a DEMix model, in domain order."""
+    return [DomainView(model, j) for j in range(n_domains(model))]
+
+
 def domain_logprobs(model: PreTrainedModel, tokens: torch.Tensor, domains: Sequence[int]) -> torch.Tensor:
     """log p_j(x_t | x_<t) with only domain j's MLPs active, for j in `domains`: [B, T+1] -> [k, B, T].
 
     One forward pass per domain: exactly what an ensemble of the n "domain-j" models computes.
     """
-    out = []
-    for j in domains:
-        set_domains(model, torch.full((tokens.shape[0],), j, dtype=torch.long))
-        out.append(token_logprobs(model, tokens))
-    return torch.stack(out)
+    return expert_logprobs([DomainView(model, j) for j in domains], tokens, batch_size=len(tokens))
 
 
 @torch.no_grad()
@@ -210,10 +233,7 @@ def demix_posterior(
     n = n_domains(model)
     p = normalise_prior(prior, n)  # float64 [n]
     active = [j for j in range(n) if p[j] > 0]
-    try:
-        lp = domain_logprobs(model, tokens, active)  # [k, B, T]
-    finally:
-        clear_routing(model)
+    lp = expert_logprobs(domain_views(model), tokens, batch_size=len(tokens), prior=p)  # [k, B, T]: active only
     w_active = posterior_log_weights(lp, p[active].log(), posterior).exp()  # [k, B, T]
     weights = torch.zeros(*lp.shape[1:], n, dtype=torch.float32, device=lp.device)  # [B, T, n]
     weights[..., active] = w_active.permute(1, 2, 0).float()
@@ -249,17 +269,14 @@ def demix_cached_prior(
 ) -> torch.Tensor:
     """The cached domain prior (float64 [n]) estimated on validation windows ([N, T+1] token ids).
 
-    `ensemble.cached_prior`'s procedure with the n single-domain passes as the experts: start
-    uniform; per batch, average the posterior weights (under the current prior) over the
-    batch's windows and positions, then prior <- (1 - alpha) * prior + alpha * mean
-    (alpha = 0.3). The last value is frozen and used as the prior on the test split.
+    `prior.cached_prior` with the n single-domain passes as the experts (scored in batches of
+    `batch_size`): start uniform; per batch, average the posterior weights (under the current
+    prior) over the batch's windows and positions, then prior <- (1 - alpha) * prior + alpha *
+    mean (alpha = 0.3). The last value is frozen and used as the prior on the test split.
     """
     windows = torch.as_tensor(np.asarray(valid_windows, dtype=np.int64))  # [N, T+1]
-    domains = range(n_domains(model))
-    try:
-        return cached_prior(lambda t: domain_logprobs(model, t, domains), windows, batch_size, alpha, posterior)
-    finally:
-        clear_routing(model)
+    lp = expert_logprobs(domain_views(model), windows, batch_size)  # [n, N, T]
+    return cached_prior(lp, batch_size, alpha, posterior)
 
 
 # ---------------------------------------------------------------------------------------------

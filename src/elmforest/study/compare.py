@@ -22,12 +22,12 @@ from elmforest.cbtm.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
 from elmforest.combine.ensemble import mix_logprobs
+from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.errors import require
 from elmforest.combine.forest import Forest, read_json
 from elmforest.study.forest_eval import forest_tokens_flops, results_row
 from elmforest.models.factory import param_count
-from elmforest.study.report import _fmt_ppl, method_rows
-from elmforest.study.results import batched_logprobs, nll_of
+from elmforest.study.report import fmt_ppl, method_rows
 from elmforest.combine.scoring import load_experts, split_windows
 from elmforest.data.tokens import token_array
 from elmforest.data.tokenizer import load_tokenizer
@@ -85,10 +85,10 @@ def router_row(
         test, array = windows.tokens, token_array(corpus, tok_dir, d, "test")
         texts = [tokenizer.decode(array[max(0, s - context) : s + 1].tolist()) for s in windows.starts.tolist()]
         w = router_weights(router, index, texts)  # [N, n]
-        with torch.inference_mode():
-            lp = batched_logprobs(models, test, recipe.eval.batch_size)  # [n, N, T]
-        logw = w.T.log().unsqueeze(-1).expand(-1, -1, lp.shape[-1])  # [n, N, T]
-        nll[d] = nll_of(mix_logprobs(lp, logw))
+        routed = w.sum(0)  # [n]: an expert no window routes to (top-k) never runs
+        lp = expert_logprobs(models, test, recipe.eval.batch_size, prior=routed)  # [k, N, T]
+        logw = w.T[routed > 0].log().unsqueeze(-1).expand(-1, -1, lp.shape[-1])  # [k, N, T]
+        nll[d] = mean_nll(mix_logprobs(lp, logw))
     params = param_count(models[0])
     seed = read_json(phases.seed_dir(run_dir) / phases.SEED_JSON, "seed.json")
     _, flops = forest_tokens_flops(forest.path, seed)
@@ -111,9 +111,9 @@ def compare_runs(run_a: Path, run_b: Path, extra_b: dict[str, Any] | None = None
     body = []
     for m in list(dict.fromkeys([*a, *b])):
         ra, rb = a.get(m, {}), b.get(m, {})
-        body.append([m, _fmt_ppl(ra.get("train_mean")), _fmt_ppl(rb.get("train_mean")),
-                     *[f"{_fmt_ppl(ra.get('novel', {}).get(d))}/{_fmt_ppl(rb.get('novel', {}).get(d))}" for d in novel],
-                     _fmt_ppl(ra.get("novel_mean")), _fmt_ppl(rb.get("novel_mean"))])
+        body.append([m, fmt_ppl(ra.get("train_mean")), fmt_ppl(rb.get("train_mean")),
+                     *[f"{fmt_ppl(ra.get('novel', {}).get(d))}/{fmt_ppl(rb.get('novel', {}).get(d))}" for d in novel],
+                     fmt_ppl(ra.get("novel_mean")), fmt_ppl(rb.get("novel_mean"))])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     legend = f"A = {run_a}, B = {run_b}; perplexities, means are geometric means over domains"

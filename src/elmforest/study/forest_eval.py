@@ -24,8 +24,10 @@ import torch
 from elmforest.config import Recipe
 from elmforest.combine.forest import Forest
 from elmforest.combine.evaluate import geo_mean
+from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.combine.mixing import mixture_nll
-from elmforest.study.results import averaged_model, batched_logprobs, ema_prior, nll_of
+from elmforest.combine.prior import cached_prior
+from elmforest.study.results import averaged_model
 
 
 def forest_scores(
@@ -33,19 +35,19 @@ def forest_scores(
 ) -> tuple[dict[str, float], list[float]]:
     """NLL of the cached-prior ensemble (and of the posterior-weighted average) -> ({method: nll}, prior)."""
     e = recipe.eval
-    lp = batched_logprobs(models, test, e.batch_size)  # [n, N, T]
-    vlp = batched_logprobs(models, valid, e.batch_size)  # [n, P, T]
-    prior, _ = ema_prior(vlp, e.prior_batch, e.prior_alpha, e.posterior)
+    lp = expert_logprobs(models, test, e.batch_size)  # [n, N, T]
+    vlp = expert_logprobs(models, valid, e.batch_size)  # [n, P, T]
+    prior = cached_prior(vlp, e.prior_batch, e.prior_alpha, e.posterior)
     out = {"ensemble_cached": mixture_nll(lp, prior, e.posterior)}
     if average:
         avg = averaged_model(models, prior.tolist())
-        out["average_posterior"] = nll_of(batched_logprobs([avg], test, e.batch_size)[0])
+        out["average_posterior"] = mean_nll(expert_logprobs([avg], test, e.batch_size)[0])
     return out, prior.tolist()
 
 
 def single_nll(model: torch.nn.Module, test: torch.Tensor, batch_size: int) -> float:
     """Mean NLL of one model on `test` [N, C+1]."""
-    return nll_of(batched_logprobs([model], test, batch_size)[0])
+    return mean_nll(expert_logprobs([model], test, batch_size)[0])
 
 
 def forest_tokens_flops(forest_dir: Path, seed: dict[str, Any]) -> tuple[int, float]:

@@ -105,16 +105,16 @@ def removal_study(
 
 def removal_table(result: dict[str, Any]) -> str:
     """Plain-text table: domain, role, perplexity before and after, change."""
-    from elmforest.study.report import _change, _fmt_ppl
+    from elmforest.study.report import fmt_change, fmt_ppl
 
     dom = result["domains"]
     roles = {result["removed"]: "removed", **{d: "kept" for d in dom["kept"]}, **{d: "novel" for d in dom["novel"]}}
     rows = [("domain", "role", "ppl before", "ppl after", "change")]
     for d, role in roles.items():
         b, a = result["ppl"]["before"][d], result["ppl"]["after"][d]
-        rows.append((d, role, _fmt_ppl(b), _fmt_ppl(a), _change(a, b)))
+        rows.append((d, role, fmt_ppl(b), fmt_ppl(a), fmt_change(a, b)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if result.get("novel_mean_before"):
-        lines.append(f"novel domains' mean perplexity (before): {_fmt_ppl(result['novel_mean_before'])}")
+        lines.append(f"novel domains' mean perplexity (before): {fmt_ppl(result['novel_mean_before'])}")
     return "\n".join(lines)

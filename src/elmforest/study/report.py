@@ -23,7 +23,7 @@ def method_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in results.items() if k not in RESERVED_KEYS}
 
 
-def _fmt_ppl(x: float | None) -> str:
+def fmt_ppl(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
     return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
@@ -34,7 +34,7 @@ def _fmt_sci(x: float | None) -> str:
 
 
 def _fmt_ci(ci: list[float] | None) -> str:
-    return "" if not ci else f" [{_fmt_ppl(ci[0])}, {_fmt_ppl(ci[1])}]"
+    return "" if not ci else f" [{fmt_ppl(ci[0])}, {fmt_ppl(ci[1])}]"
 
 
 def results_table(results: dict[str, Any], markdown: bool = True) -> str:
@@ -50,10 +50,10 @@ def results_table(results: dict[str, Any], markdown: bool = True) -> str:
         body.append(
             [
                 name,
-                *[_fmt_ppl(r["train"].get(d)) for d in train_d],
-                _fmt_ppl(r.get("train_mean")) + _fmt_ci(r.get("train_mean_ci")),
-                *[_fmt_ppl(r["novel"].get(d)) for d in novel_d],
-                _fmt_ppl(r.get("novel_mean")) + _fmt_ci(r.get("novel_mean_ci")),
+                *[fmt_ppl(r["train"].get(d)) for d in train_d],
+                fmt_ppl(r.get("train_mean")) + _fmt_ci(r.get("train_mean_ci")),
+                *[fmt_ppl(r["novel"].get(d)) for d in novel_d],
+                fmt_ppl(r.get("novel_mean")) + _fmt_ci(r.get("novel_mean_ci")),
                 _fmt_sci(r.get("train_flops")),
                 f"{(r.get('inference_params') or 0) / 1e6:.2f}M",
             ]
@@ -76,12 +76,12 @@ def seeds_table(results: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(per_seed) + 2),
     ]
     for name, r in rows.items():
-        cells = [f"{_fmt_ppl(per_seed[s][name]['train_mean'])} / {_fmt_ppl(per_seed[s][name]['novel_mean'])}"
+        cells = [f"{fmt_ppl(per_seed[s][name]['train_mean'])} / {fmt_ppl(per_seed[s][name]['novel_mean'])}"
                  for s in per_seed if name in per_seed[s]]
 
         def pm(part: str) -> str:
             sd = r.get(f"{part}_mean_sd")
-            return _fmt_ppl(r.get(f"{part}_mean")) + ("" if sd is None else f" ± {sd:.1f}")
+            return fmt_ppl(r.get(f"{part}_mean")) + ("" if sd is None else f" ± {sd:.1f}")
 
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pm('train')} | {pm('novel')} |")
     return "\n".join(lines)
@@ -153,9 +153,9 @@ def sweep_table(results: dict[str, Any]) -> str | None:
         if r is None:
             continue
         lines.append(
-            f"| {f:g}{' (main)' if f == main else ''} | {_fmt_ppl(r.get('valid_train_mean'))} | "
-            f"{_fmt_ppl(r.get('valid_novel_mean'))} | {_fmt_ppl(r.get('train_mean'))}{_fmt_ci(r.get('train_mean_ci'))} | "
-            f"{_fmt_ppl(r.get('novel_mean'))}{_fmt_ci(r.get('novel_mean_ci'))} |"
+            f"| {f:g}{' (main)' if f == main else ''} | {fmt_ppl(r.get('valid_train_mean'))} | "
+            f"{fmt_ppl(r.get('valid_novel_mean'))} | {fmt_ppl(r.get('train_mean'))}{_fmt_ci(r.get('train_mean_ci'))} | "
+            f"{fmt_ppl(r.get('novel_mean'))}{_fmt_ci(r.get('novel_mean_ci'))} |"
         )
     return "\n".join(lines)
 
@@ -172,12 +172,12 @@ def opt_out_table(domain: str, by_method: dict[str, dict[str, Any]]) -> str:
         for m in methods:
             ppl = by_method[m]["ppl"]
             b, a = ppl["before"].get(d), ppl["after"].get(d)
-            cells.append("-" if b is None or a is None else f"{_fmt_ppl(b)} -> {_fmt_ppl(a)} ({_change(a, b)})")
+            cells.append("-" if b is None or a is None else f"{fmt_ppl(b)} -> {fmt_ppl(a)} ({fmt_change(a, b)})")
         lines.append(f"| {d} | {role} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _change(a: float, b: float) -> str:
+def fmt_change(a: float, b: float) -> str:
     """How much lower (better) perplexity a is than b, as a signed percentage."""
     pct = 100.0 * (a - b) / b
     return f"{pct:+.1f}%"
@@ -196,7 +196,7 @@ def reading(results: dict[str, Any]) -> list[str]:
         x, y = rows[a][f"{part}_mean"], rows[b][f"{part}_mean"]
         lo, hi = c["ci"]
         out.append(
-            f"- {c['claim']} on {part} domains: `{a}` {_fmt_ppl(x)} vs `{b}` {_fmt_ppl(y)} ({_change(x, y)}; ratio "
+            f"- {c['claim']} on {part} domains: `{a}` {fmt_ppl(x)} vs `{b}` {fmt_ppl(y)} ({fmt_change(x, y)}; ratio "
             f"{c['ratio']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]): **{c['verdict']}**."
         )
     ctm = results.get("compute_to_match")
@@ -207,14 +207,14 @@ def reading(results: dict[str, Any]) -> list[str]:
                 out.append(
                     f"- A dense LM needs {_fmt_multiple(v['multiple'])} the compute (95% CI {_fmt_multiple(lo)} to "
                     f"{_fmt_multiple(hi)}) to match `btm_ensemble_cached` on {part} domains (dense measured at "
-                    + ", ".join(f"{k}x: {_fmt_ppl(p)}" for k, p in v["points"].items())
+                    + ", ".join(f"{k}x: {fmt_ppl(p)}" for k, p in v["points"].items())
                     + "; the paper reports 2.5x at 64 domains)."
                 )
     uni = results.get("unigram")
     if uni and "dense" in rows and rows["dense"].get("train_mean"):
         out.append(
-            f"- The models learn real structure: dense {_fmt_ppl(rows['dense']['train_mean'])} against a "
-            f"unigram model's {_fmt_ppl(uni.get('train_mean'))} on the same train-domain test tokens."
+            f"- The models learn real structure: dense {fmt_ppl(rows['dense']['train_mean'])} against a "
+            f"unigram model's {fmt_ppl(uni.get('train_mean'))} on the same train-domain test tokens."
         )
     return out
 

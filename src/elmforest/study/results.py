@@ -16,7 +16,6 @@ re-scored for that method, and a method still missing is an error naming it and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,46 +30,18 @@ from elmforest.combine.averaging import average_state_dicts
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
 from elmforest.mixtures.demix import demix_cached_prior, demix_logprobs, load_demix
-from elmforest.combine.ensemble import expert_logprobs
+from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.errors import ElmError
 from elmforest.combine.evaluate import EvalWindows, document_sums
 from elmforest.combine.forest import Forest, read_json
 from elmforest.study.methods import StudyMethod, study_methods
-from elmforest.combine.mixing import TunedMixing, ema_prior as _ema_prior, tune_mixing
+from elmforest.combine.mixing import TunedMixing, tune_mixing
+from elmforest.combine.prior import cached_prior, ema_batches
 from elmforest.models.factory import load_model
 from elmforest.combine.scoring import prior_windows, split_windows
 from elmforest.data.tokens import token_array
 
 EVAL_FORMAT = "elmforest-eval/2"  # per-document sums, windows spread over the split
-
-
-def nll_of(logprobs: torch.Tensor) -> float:
-    """Mean negative log-likelihood per predicted token (nats)."""
-    return float(-logprobs.double().mean())
-
-
-def batched_logprobs(
-    models: list[torch.nn.Module], windows: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """Each model's log-probs of every window's targets -> float32 [n, N, T] on the CPU.
-
-    With a device other than the CPU, each model is moved there in turn and back after its pass,
-    so a forest larger than the device's memory is still scored (one model resident at a time).
-    """
-    rows = []
-    with torch.inference_mode():
-        for model in models:
-            home = next(model.parameters()).device
-            model.to(device)
-            parts = [expert_logprobs([model], windows[i : i + batch_size])[0] for i in range(0, len(windows), batch_size)]
-            model.to(home)
-            rows.append(torch.cat(parts).cpu())
-    return torch.stack(rows)
-
-
-def ema_prior(valid_lp: torch.Tensor, batch_size: int, alpha: float, posterior: str) -> tuple[torch.Tensor, int]:
-    """The reference code's cached prior from precomputed valid log-probs [n, P, T] -> (prior, EMA batches)."""
-    return _ema_prior(valid_lp, batch_size, alpha, posterior), math.ceil(valid_lp.shape[1] / batch_size)
 
 
 def unigram_logprobs(train_arrays: list[np.ndarray], vocab: int, windows: torch.Tensor) -> torch.Tensor:
@@ -171,7 +142,7 @@ class DomainEval:
     def _logprobs(self, key: tuple[str, str], models: list[torch.nn.Module]) -> torch.Tensor:
         if key not in self._lp:
             e = self.recipe.eval
-            self._lp[key] = batched_logprobs(models, self._windows(key[1]), e.batch_size, self.models.device)
+            self._lp[key] = expert_logprobs(models, self._windows(key[1]), e.batch_size, self.models.device)
         return self._lp[key]
 
     def single_lp(self, name: str, split: str = "test") -> torch.Tensor:
@@ -191,11 +162,12 @@ class DomainEval:
         key = (arm, posterior)
         if key not in self._prior:
             e = self.recipe.eval
-            prior, batches = ema_prior(self.forest_lp(arm, "valid"), e.prior_batch, e.prior_alpha, posterior)
+            prior = cached_prior(self.forest_lp(arm, "valid"), e.prior_batch, e.prior_alpha, posterior)
             self._prior[key] = prior
             if posterior == e.posterior:
                 names = self.models.forests[arm][0]
-                self.priors[arm] = {"experts": dict(zip(names, prior.tolist())), "batches": batches, "posterior": posterior}
+                self.priors[arm] = {"experts": dict(zip(names, prior.tolist())), "batches": ema_batches(len(self.valid), e.prior_batch),
+                                    "posterior": posterior}
         return self._prior[key]
 
     def tuned(self, arm: str) -> TunedMixing:
@@ -228,7 +200,7 @@ class DomainEval:
             lp = torch.cat([demix_logprobs(model, test[i : i + e.batch_size], prior, e.posterior)
                             for i in range(0, len(test), e.batch_size)])  # [N, T]
         self.priors["demix"] = {"experts": dict(zip(domains, prior.tolist())),
-                                "batches": math.ceil(len(self.valid) / e.prior_batch), "posterior": e.posterior}
+                                "batches": ema_batches(len(self.valid), e.prior_batch), "posterior": e.posterior}
         return lp
 
 
@@ -257,13 +229,13 @@ def score_domain(models: StudyModels, domain: str, methods: list[StudyMethod], c
         except ElmError as err:
             raise ElmError(f"study method {m.name!r} cannot be scored on domain {domain!r}: {err.detail}", err.path) from None
         _, sums, _ = document_sums(lp, ev.test.docs)
-        out["nll"][m.name] = nll_of(lp)
+        out["nll"][m.name] = mean_nll(lp)
         out["doc_nll"][m.name] = sums
         if m.valid is not None:
             out.setdefault("valid_nll", {})[m.name] = m.valid(ev)
     if "unigram" not in out["nll"]:
         lp = unigram_logprobs(models.train_arrays, models.vocab, ev.test.tokens)
-        out["nll"]["unigram"], out["doc_nll"]["unigram"] = nll_of(lp), document_sums(lp, ev.test.docs)[1]
+        out["nll"]["unigram"], out["doc_nll"]["unigram"] = mean_nll(lp), document_sums(lp, ev.test.docs)[1]
     out["priors"].update(ev.priors)
     return out
 

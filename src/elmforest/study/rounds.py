@@ -258,7 +258,7 @@ def _rounds_table(block: dict[str, Any], markdown: bool) -> str:
 
 def write_rounds_report(out: Path, results: dict[str, Any]) -> Path:
     """report.md of an incremental study: compute and a perplexity table per round, and a reading."""
-    from elmforest.study.report import _change, _fmt_ppl
+    from elmforest.study.report import fmt_change, fmt_ppl
 
     parts = [f"# elmforest incremental study: {Path(out).name}", ""]
     for b in results["rounds"]:
@@ -277,7 +277,7 @@ def write_rounds_report(out: Path, results: dict[str, Any]) -> Path:
                          ("forest_average_posterior", "forest_seedinit_average_posterior")):
                 if a in rows and c in rows and rows[a][f"{split}_mean"] and rows[c][f"{split}_mean"]:
                     x, y = rows[a][f"{split}_mean"], rows[c][f"{split}_mean"]
-                    lines.append(f"- {label} domains: `{a}` {_fmt_ppl(x)} vs `{c}` {_fmt_ppl(y)} ({_change(x, y)}): "
+                    lines.append(f"- {label} domains: `{a}` {fmt_ppl(x)} vs `{c}` {fmt_ppl(y)} ({fmt_change(x, y)}): "
                                  f"{'better' if x < y else 'not better'}.")
         if lines:
             parts += ["Reading:", "", *lines, ""]
