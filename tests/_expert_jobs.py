@@ -12,13 +12,13 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from elmforest.btm.phases import train_expert
+from elmforest.btm.experts import train_expert
 
 MARKER = ".killed-once"
 
 
 def train_then_die(path: str, threads: int | None) -> dict:
-    """`phases.train_expert`, but the first attempt SIGKILLs its own process once the expert has
+    """`experts.train_expert`, but the first attempt SIGKILLs its own process once the expert has
     written a checkpoint and logged a later step: a worker dying mid-training."""
     folder = Path(path)
     if not (folder / MARKER).exists():
@@ -74,5 +74,5 @@ fsspec.register_implementation("killpush", KillingFileSystem, clobber=True)
 
 
 def train_with_killing_storage(path: str, threads: int | None) -> dict:
-    """`phases.train_expert`, run from this module so that workers register `killpush://`."""
+    """`experts.train_expert`, run from this module so that workers register `killpush://`."""
     return train_expert(path, threads)

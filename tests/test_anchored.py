@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from cli_runner import run_cli
 from elmforest.train.budget import plan_budget
-from elmforest.btm import phases
+from elmforest.btm.experts import expert_job
+from elmforest.btm.seed import train_seed
 from elmforest.mixtures.anchored import (
     ANCHORED_DIR, ROUTER_INIT, TRAIN_DIR, anchor, anchored_job, branch_anchored, check_llama, domain_embeddings,
     router_input_means, train_anchored_expert,
@@ -54,7 +55,7 @@ def run(tmp_path_factory):
     data = tiny_recipe(corpus, root / "run", **{"model.family": "llama", "arms.random_split": False})
     recipe = recipe_from_dict(data)
     out = root / "run"
-    phases.train_seed(recipe, out, progress=False)
+    train_seed(recipe, out, progress=False)
     write_recipe(out / "recipe.yaml", data)
     main(["anchored", str(out), "--router-tokens", str(ROUTER_TOKENS), "--embed-windows", "8"])
     return recipe, out
@@ -332,7 +333,7 @@ def test_gpt2_seed_and_missing_runs_are_refused(tmp_path, capsys):
 def test_job_uses_the_btm_experts_batches(run):
     """The anchored expert of a domain draws the BTM expert's very batches (same sampler seed and shape)."""
     recipe, out = run
-    btm = phases.expert_job(recipe, out, "code", {"kind": "domain", "domain": "code"})
+    btm = expert_job(recipe, out, "code", {"kind": "domain", "domain": "code"})
     job = anchored_job(recipe, out, "code", 8)
     for key in ("sampler_seed", "batch_blocks", "context", "data"):
         assert job[key] == btm[key]

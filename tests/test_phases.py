@@ -124,7 +124,7 @@ def test_training_valid_windows_come_from_the_whole_split():
     are their starts."""
     import numpy as np
 
-    from elmforest.btm.phases import valid_batches
+    from elmforest.btm.seed import valid_batches
 
     arrays = {"a": np.arange(4000, dtype=np.int64), "b": np.arange(4000, dtype=np.int64) + 10000}
     batches = valid_batches(arrays, context=8, windows_per_domain=5, batch_size=4, window_seed=0)

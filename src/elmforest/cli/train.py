@@ -45,7 +45,7 @@ def seed(
     """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
     from elmforest.train import distributed
     from elmforest.checks.check import check_recipe
-    from elmforest.btm.phases import prepare_tokenizer, train_seed
+    from elmforest.btm.seed import prepare_tokenizer, train_seed
     from elmforest.study.run_folder import claim_run_dir
 
     r = load_recipe(recipe, set_)
@@ -74,7 +74,8 @@ def branch(
 ) -> None:
     """Create an expert folder RUN/experts/NAME initialised from the seed (weights, AdamW state, schedule position) or from a weighted parameter average of existing experts."""
     from elmforest.data.corpus import Corpus
-    from elmforest.btm.phases import branch_expert, expert_job, seed_dir
+    from elmforest.btm.experts import branch_expert, expert_job
+    from elmforest.btm.seed import seed_dir
 
     r = load_recipe(recipe, set_)
     run_dir = out or Path(r.out)
@@ -96,7 +97,7 @@ def train(
 ) -> None:
     """Train one expert on its own domain to its token budget (resumes if interrupted) and write expert.json."""
     from elmforest.train import distributed
-    from elmforest.btm.phases import train_expert
+    from elmforest.btm.experts import train_expert
 
     meta = distributed.run_procs(train_expert, str(expert), threads, True, procs=procs, rank_threads=threads)
     if distributed.env_rank() == 0:

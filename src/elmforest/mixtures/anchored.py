@@ -57,7 +57,8 @@ from transformers import MixtralForCausalLM, PreTrainedModel
 from elmforest.train.budget import plan_budget, resolve_device
 from elmforest import __version__, storage
 from elmforest.mixtures import btx
-from elmforest.btm import phases
+from elmforest.btm.experts import JOB_JSON, expert_job, job_window_seed
+from elmforest.btm.seed import SEED_JSON, domain_arrays, model_context, seed_dir, valid_batches
 from elmforest.launch import remote
 from elmforest.models.checkpoint import save_weights, write_safetensors
 from elmforest.config import Recipe
@@ -204,7 +205,7 @@ def anchored_dir(run_dir: Path) -> Path:
 
 
 def anchored_schedule(spec: dict[str, Any], seed_steps: int) -> dict[str, Any]:
-    """The anchored experts' TrainSpec fields from the BTM experts' (`phases.expert_job`'s spec over
+    """The anchored experts' TrainSpec fields from the BTM experts' (`experts.expert_job`'s spec over
     the whole budget): total_steps - seed_steps steps, warm-up to the seed's current learning rate
     lr_at(seed_steps) (the peak if the seed stopped inside its warm-up), linear decay to lr * final_lr_fraction."""
     whole = TrainSpec(**{**spec, "betas": tuple(spec["betas"])})
@@ -223,7 +224,7 @@ def anchored_schedule(spec: dict[str, Any], seed_steps: int) -> dict[str, Any]:
 def anchored_job(recipe: Recipe, run_dir: Path, domain: str, embed_windows: int) -> dict[str, Any]:
     """job.json of the domain's anchored expert: the BTM expert's job (data, batch, sampler seed,
     validation) with the anchored schedule and a fresh optimiser."""
-    job = phases.expert_job(recipe, run_dir, domain, {"kind": "domain", "domain": domain})
+    job = expert_job(recipe, run_dir, domain, {"kind": "domain", "domain": domain})
     budget = plan_budget(recipe, job["context"])
     job["spec"] = anchored_schedule(job["spec"], budget.seed_steps)
     job.update(start_step=0, init_state=None, kind="anchored", embed_windows=embed_windows)
@@ -234,14 +235,14 @@ def branch_anchored(expert_dir: Path, job: dict[str, Any], seed_rows: torch.Tens
     """Create EXPERT/ (atomically): tokenizer files, router_init.safetensors, job.json. A branched
     folder (job.json present) is left as it is."""
     expert_dir = Path(expert_dir)
-    if (expert_dir / phases.JOB_JSON).is_file():
+    if (expert_dir / JOB_JSON).is_file():
         return expert_dir
     if expert_dir.exists():
         shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
     with storage.atomic_dir(expert_dir) as tmp:
         copy_tokenizer_files(job["tokenizer"], tmp)
         write_safetensors({"seed": seed_rows.contiguous(), "domain": domain_rows.contiguous()}, tmp / ROUTER_INIT)
-        storage.write_json(tmp / phases.JOB_JSON, job)
+        storage.write_json(tmp / JOB_JSON, job)
     return expert_dir
 
 
@@ -254,21 +255,21 @@ def zero_anchored(seed: PreTrainedModel) -> PreTrainedModel:
 
 def train_anchored_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the anchored expert in `expert_dir` (job.json) and export it; returns anchored.json's
-    contents. Idempotent and resumable like `phases.train_expert`: a launcher job function."""
+    contents. Idempotent and resumable like `experts.train_expert`: a launcher job function."""
     from elmforest.mixtures.anchored_flops import anchored_training_flops
 
     expert_dir = Path(expert_dir)
     done = expert_dir / ANCHORED_JSON
     if done.is_file():
         return read_json(done, ANCHORED_JSON)
-    job = read_json(expert_dir / phases.JOB_JSON, "job.json")
+    job = read_json(expert_dir / JOB_JSON, "job.json")
     corpus, tok, domain = Corpus(job["corpus"]), Path(job["tokenizer"]), job["domain"]
     sampler = DomainSampler(
         token_array(corpus, tok, domain, "train"), job["context"], job["batch_blocks"], job["sampler_seed"], name=domain
     )
-    valid = phases.valid_batches(
-        phases.domain_arrays(corpus, tok, [domain], "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
-        phases.job_window_seed(job),
+    valid = valid_batches(
+        domain_arrays(corpus, tok, [domain], "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
+        job_window_seed(job),
     )
     spec_dict = {**job["spec"], "betas": tuple(job["spec"]["betas"])}
     if threads is not None:
@@ -341,16 +342,16 @@ def train_anchored_experts(
 
     require(embed_windows >= 1, f"embed_windows must be >= 1, got {embed_windows}")
     run_dir = Path(run_dir)
-    seed_dir = phases.seed_dir(run_dir)
-    read_json(seed_dir / phases.SEED_JSON, "seed.json")  # the seed must be trained
+    seed_path = seed_dir(run_dir)
+    read_json(seed_path / SEED_JSON, "seed.json")  # the seed must be trained
     domains = list(recipe.train_domains)
     dirs = [anchored_dir(run_dir) / d for d in domains]
-    todo = [d for d, p in zip(domains, dirs) if not (p / phases.JOB_JSON).is_file()]
+    todo = [d for d, p in zip(domains, dirs) if not (p / JOB_JSON).is_file()]
     if todo:
-        seed = load_model(seed_dir)
-        check_llama(seed, seed_dir)
+        seed = load_model(seed_path)
+        check_llama(seed, seed_path)
         tok = run_dir / "tokenizer"
-        context = phases.model_context(recipe, tok)
+        context = model_context(recipe, tok)
         corpus = Corpus(recipe.corpus)
         device = resolve_device(recipe.optim.device)
         log(f"anchored experts: router rows from {embed_windows} windows of each train domain")
