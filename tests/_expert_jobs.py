@@ -38,6 +38,22 @@ def train_then_die(path: str, threads: int | None) -> dict:
     return train_expert(path, threads)
 
 
+def train_killed_past(path: str, threads: int | None, step: int) -> dict:
+    """`experts.train_expert`, SIGKILLed by itself once metrics.jsonl logs a step past `step`."""
+    metrics = Path(path) / "metrics.jsonl"
+
+    def killer() -> None:
+        while True:
+            if metrics.exists():
+                steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+                if steps and steps[-1] > step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.005)
+
+    threading.Thread(target=killer, daemon=True).start()
+    return train_expert(path, threads)
+
+
 # --- a storage URL whose upload dies halfway ------------------------------------------------------
 
 KILLED_IN_PUSH = "killed-in-push-{}"  # beside the expert folders in the bucket: survives the retry

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from elmforest import __version__, storage
+from elmforest.btm.jobs import JOB_JSON, DomainData, ExpertJob, read_job, write_job
 from elmforest.btm.seed import SEED_JSON, TRAIN_STATE, domain_arrays, model_context, seed_dir, valid_batches
 from elmforest.combine.forest import EXPERT_JSON, read_expert, read_json
 from elmforest.config import Recipe
@@ -33,9 +34,6 @@ from elmforest.models.factory import TOKENIZER_FILES, arch_hash, copy_tokenizer_
 from elmforest.train import distributed
 from elmforest.train.budget import plan_budget, train_spec
 from elmforest.train.loop import train
-from elmforest.train.spec import TrainSpec
-
-JOB_JSON = "job.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,48 +50,43 @@ def expert_job(
     init_state: str | None = None,
     fresh_steps: int | None = None,
     seed_from: Path | None = None,
-) -> dict[str, Any]:
-    """Everything `train_expert` needs, as plain JSON.
+) -> ExpertJob:
+    """Everything `train_expert` needs: the record `branch_expert` writes as job.json.
 
-    data: {"kind": "domain", "domain": d} or {"kind": "random_split", "domains": [...], "part": i, "parts": n}.
-    fresh_steps: train this many steps on a schedule of their own (growing a forest); default:
-    continue the seed's schedule from the seed step to the end of the budget.
+    data: {"kind": "domain", "domain": d} or {"kind": "random_split", "domains": [...], "part": i,
+    "parts": n, "mix": "balanced"}. fresh_steps: train this many steps on a schedule of their own
+    (growing a forest); default: continue the seed's schedule from the seed step to the end of the budget.
     """
     check_domain_name(name, "expert name")
     run_dir = Path(run_dir).resolve()
     tok = run_dir / "tokenizer"
     context = model_context(recipe, tok)
     budget = plan_budget(recipe, context)
-    spec = dataclasses.asdict(train_spec(recipe, budget, budget.expert_micro_batches))
+    spec = train_spec(recipe, budget, budget.expert_micro_batches)
     start = budget.seed_steps
     if fresh_steps is not None:
         start = 0
-        spec.update(total_steps=fresh_steps, warmup_steps=min(budget.warmup_steps, max(fresh_steps - 1, 0)))
+        spec = dataclasses.replace(spec, total_steps=fresh_steps, warmup_steps=min(budget.warmup_steps, max(fresh_steps - 1, 0)))
     domain = data["domain"] if data["kind"] == "domain" else name
-    return {
-        "name": name,
-        "domain": domain,
-        "corpus": str(Path(recipe.corpus).resolve()),
-        "tokenizer": str(tok),
-        "data": data,
-        "context": context,
-        "batch_blocks": budget.expert_blocks,
-        "sampler_seed": recipe.optim.seed + 1 + _stable_index(name),
-        "spec": spec,
-        "start_step": start,
-        "init_state": init_state,
-        "parents": parents,
-        "seed_checkpoint": str(Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)),
-        "valid_windows": recipe.eval.valid_windows_per_domain,
-        "eval_batch_size": recipe.eval.batch_size,
-        "train_domains": list(recipe.train_domains),
-        "recipe": recipe.model_dump(mode="json"),
-    }
-
-
-def job_window_seed(job: dict[str, Any]) -> int:
-    """The recipe's eval.window_seed recorded in a job (0 for jobs written before it was)."""
-    return int(job.get("recipe", {}).get("eval", {}).get("window_seed", 0))
+    return ExpertJob(
+        name=name,
+        domain=domain,
+        corpus=str(Path(recipe.corpus).resolve()),
+        tokenizer=str(tok),
+        data=data,
+        context=context,
+        batch_blocks=budget.expert_blocks,
+        sampler_seed=recipe.optim.seed + 1 + _stable_index(name),
+        spec=spec,
+        start_step=start,
+        init_state=init_state,
+        parents=parents,
+        seed_checkpoint=str(Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)),
+        valid_windows=recipe.eval.valid_windows_per_domain,
+        eval_batch_size=recipe.eval.batch_size,
+        train_domains=list(recipe.train_domains),
+        recipe=recipe.model_dump(mode="json"),
+    )
 
 
 def _stable_index(name: str) -> int:
@@ -104,13 +97,13 @@ def _stable_index(name: str) -> int:
 
 def branch_expert(
     expert_dir: Path,
-    job: dict[str, Any],
+    job: ExpertJob,
     *,
     from_seed: Path | None = None,
     copy_optimizer: bool = True,
     from_experts: list[tuple[Path, float]] | None = None,
 ) -> Path:
-    """Create an expert folder ready to train: initial weights, tokenizer, `job.json`.
+    """Create an expert folder ready to train: initial weights, tokenizer, `job.json` (last).
 
     From the seed: its weights and (by default) its AdamW state and step, as in the reference
     setup. From experts: the weighted parameter average of their weights, fresh AdamW state.
@@ -123,7 +116,7 @@ def branch_expert(
         raise ElmError("branch from the seed or from experts, not both or neither")
     if expert_dir.exists():
         shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
-    tok = Path(job["tokenizer"])
+    tok = Path(job.tokenizer)
     if from_seed is not None:
         from_seed = Path(from_seed)
         read_json(from_seed / SEED_JSON, "seed.json")
@@ -131,8 +124,8 @@ def branch_expert(
             for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
                 if (from_seed / name).is_file():
                     shutil.copy2(from_seed / name, tmp / name)
-        if copy_optimizer and job["start_step"] > 0:
-            job = {**job, "init_state": str((from_seed / TRAIN_STATE).resolve())}
+        if copy_optimizer and job.start_step > 0:
+            job = job.model_copy(update={"init_state": str((from_seed / TRAIN_STATE).resolve())})
         else:
             job = _fresh_schedule(job)
     else:
@@ -143,34 +136,39 @@ def branch_expert(
         average_folders(dirs, weights, "weighted", expert_dir)
         copy_tokenizer_files(tok, expert_dir, overwrite=False)
         job = _fresh_schedule(job)
-    storage.write_json(expert_dir / JOB_JSON, job)
+    write_job(expert_dir, job)
     return expert_dir
 
 
-def _fresh_schedule(job: dict[str, Any]) -> dict[str, Any]:
+def _fresh_schedule(job: ExpertJob) -> ExpertJob:
     """A fresh AdamW and a schedule of its own with the same number of steps (warm-up included)."""
-    spec = dict(job["spec"])
-    steps = spec["total_steps"] - job["start_step"]
-    spec.update(total_steps=steps, warmup_steps=min(spec["warmup_steps"], steps - 1))
-    return {**job, "spec": spec, "start_step": 0, "init_state": None}
+    steps = job.spec.total_steps - job.start_step
+    spec = dataclasses.replace(job.spec, total_steps=steps, warmup_steps=min(job.spec.warmup_steps, steps - 1))
+    return job.model_copy(update={"spec": spec, "start_step": 0, "init_state": None})
 
 
 # ---------------------------------------------------------------------------------------------
 # Train
 
 
-def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
-    data = job["data"]
-    context, blocks, seed = job["context"], job["batch_blocks"], job["sampler_seed"]
-    if data["kind"] == "domain":
-        return DomainSampler(token_array(corpus, tok, data["domain"], "train"), context, blocks, seed, name=data["domain"])
-    if data["kind"] == "random_split":
-        arrays = domain_arrays(corpus, tok, data["domains"], "train")
-        return RandomSplitSampler(
-            arrays, data["parts"], data["part"], context, blocks, seed,
-            partition_seed=data.get("partition_seed", 0), balanced=data.get("mix") == "balanced",
+def expert_sampler(job: ExpertJob, corpus: Corpus):
+    """The job's training batches: its domain's, or its random part of the train domains'."""
+    data, tok = job.data, Path(job.tokenizer)
+    if isinstance(data, DomainData):
+        return DomainSampler(
+            token_array(corpus, tok, data.domain, "train"), job.context, job.batch_blocks, job.sampler_seed, name=data.domain
         )
-    raise ElmError(f"unknown data kind {data['kind']!r}", JOB_JSON)
+    arrays = domain_arrays(corpus, tok, data.domains, "train")
+    return RandomSplitSampler(
+        arrays, data.parts, data.part, job.context, job.batch_blocks, job.sampler_seed,
+        partition_seed=data.partition_seed, balanced=data.mix == "balanced",
+    )
+
+
+def job_valid_batches(job: ExpertJob, corpus: Corpus, domains: list[str]) -> list:
+    """The valid batches the job's training loop measures its valid loss on, over `domains`."""
+    arrays = domain_arrays(corpus, Path(job.tokenizer), domains, "valid")
+    return valid_batches(arrays, job.context, job.valid_windows, job.eval_batch_size, job.window_seed)
 
 
 def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
@@ -181,32 +179,24 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
     done = expert_dir / EXPERT_JSON
     if done.is_file():
         return read_json(done, "expert.json")
-    job = read_json(expert_dir / JOB_JSON, "job.json")
-    corpus = Corpus(job["corpus"])
-    tok = Path(job["tokenizer"])
-    sampler = _expert_sampler(job, corpus, tok)
-    valid_domains = [job["data"]["domain"]] if job["data"]["kind"] == "domain" else job["train_domains"]
-    valid = valid_batches(
-        domain_arrays(corpus, tok, valid_domains, "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
-        job_window_seed(job),
-    )
-    spec_dict = dict(job["spec"])
-    spec_dict["betas"] = tuple(spec_dict["betas"])
-    if threads is not None:
-        spec_dict["threads"] = threads
-    spec = TrainSpec(**spec_dict)
+    job = read_job(expert_dir, ExpertJob)
+    corpus = Corpus(job.corpus)
+    tok = Path(job.tokenizer)
+    sampler = expert_sampler(job, corpus)
+    valid = job_valid_batches(job, corpus, [job.data.domain] if isinstance(job.data, DomainData) else job.train_domains)
+    spec = job.train_spec(threads)
     model = load_model(expert_dir)
     init = None
-    if job.get("init_state") and not (expert_dir / TRAIN_STATE).is_file():
-        state = load_train_state(job["init_state"])  # the seed's AdamW moments and step
+    if job.init_state and not (expert_dir / TRAIN_STATE).is_file():
+        state = load_train_state(job.init_state)  # the seed's AdamW moments and step
         init = {"optimizer": state["optimizer"], "step": state["step"]}
     result = train(model, sampler, spec, expert_dir, valid_batches=valid, progress=progress, init_optimizer_state=init)
     meta = {
-        "name": job["name"],
-        "domain": job["domain"],
-        "kind": job["data"]["kind"],
-        "parents": job["parents"],
-        "seed_checkpoint": job["seed_checkpoint"],
+        "name": job.name,
+        "domain": job.domain,
+        "kind": job.data.kind,
+        "parents": job.record()["parents"],
+        "seed_checkpoint": job.seed_checkpoint,
         "tokens": result["tokens"],
         "flops": result["flops"],
         "steps": result["steps"] - result["start_step"],
@@ -217,7 +207,7 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
         "tokenizer_hash": tokenizer_hash(tok),
         "arch_hash": arch_hash(model.config),
         "elmforest_version": __version__,
-        "recipe": job["recipe"],
+        "recipe": job.recipe,
     }
     if distributed.is_main():  # under G data-parallel ranks only rank 0 writes files
         storage.write_json(done, meta)

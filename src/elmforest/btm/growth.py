@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from elmforest.train.budget import plan_budget
-from elmforest.btm.experts import JOB_JSON, branch_expert, expert_job, merge_once, train_pending
+from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
+from elmforest.btm.jobs import JOB_JSON
 from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 from elmforest import storage
 from elmforest.config import Recipe, recipe_from_dict
