@@ -22,7 +22,7 @@ handed to the all-reduce through a DDP communication hook, over one step of 2 mi
 first under no_sync). A ring all-reduce then sends and receives about 2(G-1)/G of those bytes per
 rank. The job function (`expert_job`) is written here: a demo model trained with
 `elmforest.train.loop.train` on a synthetic token array through `elmforest.data.sampler.DomainSampler`
-(`phases.train_expert` needs a corpus, a tokenizer and a branched folder, whose set-up would
+(`experts.train_expert` needs a corpus, a tokenizer and a branched folder, whose set-up would
 dominate a benchmark of a few minutes).
 """
 

@@ -67,3 +67,48 @@ def raise_on_rank1(out: str) -> dict:
 def rank_and_size() -> tuple[int, int]:
     w = distributed.world()
     return w.rank, w.size
+
+
+def anchored_with_audit(expert_dir: str) -> tuple[int, list[str], int, dict]:
+    """`train_anchored_expert` on this rank, watching what it writes -> every rank's
+    (rank, ["<event> <path under expert_dir>", ...], FLOP counts run, the returned record).
+
+    A Python audit hook sees every file opened for writing (builtins.open, os.open: tempfile's
+    temporaries included), renamed into place, copied, created or removed, whatever writes the
+    bytes afterwards (torch.save, safetensors)."""
+    import sys
+
+    from elmforest.mixtures import anchored_flops
+    from elmforest.mixtures.anchored import train_anchored_expert
+
+    root = os.path.realpath(expert_dir)
+    writes: list[str] = []
+    counted = [0]
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def note(event: str, path: Any) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            full = os.path.realpath(os.fsdecode(path))
+            if full == root or full.startswith(root + os.sep):
+                writes.append(f"{event} {os.path.relpath(full, root)}")
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            if (mode and any(c in mode for c in "wax+")) or (not mode and flags & write_flags):
+                note("open", path)
+        elif event in ("os.rename", "shutil.copyfile", "shutil.copytree"):
+            note(event, args[1])
+        elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"):
+            note(event, args[0])
+
+    count = anchored_flops.anchored_training_flops
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted[0] += 1
+        return count(*args, **kwargs)
+
+    anchored_flops.anchored_training_flops = counting
+    sys.addaudithook(hook)  # for the rest of this spawned rank's life
+    meta = train_anchored_expert(expert_dir, 1)
+    return distributed.gather_objects((distributed.world().rank, list(writes), counted[0], meta))

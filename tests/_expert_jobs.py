@@ -12,13 +12,13 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from elmforest.btm.phases import train_expert
+from elmforest.btm.experts import train_expert
 
 MARKER = ".killed-once"
 
 
 def train_then_die(path: str, threads: int | None) -> dict:
-    """`phases.train_expert`, but the first attempt SIGKILLs its own process once the expert has
+    """`experts.train_expert`, but the first attempt SIGKILLs its own process once the expert has
     written a checkpoint and logged a later step: a worker dying mid-training."""
     folder = Path(path)
     if not (folder / MARKER).exists():
@@ -35,6 +35,22 @@ def train_then_die(path: str, threads: int | None) -> dict:
                 time.sleep(0.005)
 
         threading.Thread(target=killer, daemon=True).start()
+    return train_expert(path, threads)
+
+
+def train_killed_past(path: str, threads: int | None, step: int) -> dict:
+    """`experts.train_expert`, SIGKILLed by itself once metrics.jsonl logs a step past `step`."""
+    metrics = Path(path) / "metrics.jsonl"
+
+    def killer() -> None:
+        while True:
+            if metrics.exists():
+                steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+                if steps and steps[-1] > step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.005)
+
+    threading.Thread(target=killer, daemon=True).start()
     return train_expert(path, threads)
 
 
@@ -74,5 +90,5 @@ fsspec.register_implementation("killpush", KillingFileSystem, clobber=True)
 
 
 def train_with_killing_storage(path: str, threads: int | None) -> dict:
-    """`phases.train_expert`, run from this module so that workers register `killpush://`."""
+    """`experts.train_expert`, run from this module so that workers register `killpush://`."""
     return train_expert(path, threads)

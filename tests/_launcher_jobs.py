@@ -1,6 +1,6 @@
 """Toy expert trainings for tests/test_launchers.py.
 
-Top-level functions of an importable module, shaped like `phases.train_expert`:
+Top-level functions of an importable module, shaped like `experts.train_expert`:
 `fn(path, threads) -> dict`. They must be picklable by reference into spawned processes, Ray
 tasks and submitit jobs.
 """

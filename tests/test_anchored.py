@@ -19,10 +19,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from cli_runner import run_cli
 from elmforest.train.budget import plan_budget
-from elmforest.btm import phases
+from elmforest.btm.experts import expert_job
+from elmforest.btm.jobs import AnchoredJob, read_job
+from elmforest.btm.seed import train_seed
 from elmforest.mixtures.anchored import (
     ANCHORED_DIR, ROUTER_INIT, TRAIN_DIR, anchor, anchored_job, branch_anchored, check_llama, domain_embeddings,
-    router_input_means, train_anchored_expert,
+    router_input_means,
 )
 from elmforest.mixtures.anchored_flops import anchored_training_flops, measured_step_flops, step_flops_per_token
 from elmforest.mixtures.anchored_moe import MOE_DIR, TUNED_DIR, merge_anchored, opt_out
@@ -36,7 +38,6 @@ from elmforest.models.factory import flops_per_token, load_model
 from elmforest.data.sampler import DomainSampler
 from elmforest.combine.scoring import domain_windows
 from elmforest.data.tokens import token_array
-from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import lr_at, train
 from elmforest.train.state import read_metrics
 from tinydata import make_corpus, tiny_recipe, write_recipe
@@ -54,7 +55,7 @@ def run(tmp_path_factory):
     data = tiny_recipe(corpus, root / "run", **{"model.family": "llama", "arms.random_split": False})
     recipe = recipe_from_dict(data)
     out = root / "run"
-    phases.train_seed(recipe, out, progress=False)
+    train_seed(recipe, out, progress=False)
     write_recipe(out / "recipe.yaml", data)
     main(["anchored", str(out), "--router-tokens", str(ROUTER_TOKENS), "--embed-windows", "8"])
     return recipe, out
@@ -127,21 +128,26 @@ def test_anchored_expert_is_the_trained_mixture_and_follows_its_schedule(run):
 
 
 def test_anchored_training_resumes_bit_identically(run, tmp_path):
-    """Branch the same expert again, stop at step 5, continue: the result equals the finished one's."""
+    """Branch the same expert again with the job record an earlier version wrote (no `runner`:
+    anchored by its anchored-only fields), stop at step 5, continue with `elmforest train`: the
+    result equals the finished one's."""
     recipe, out = run
     done = out / ANCHORED_DIR / "animals"
-    job = json.loads((done / "job.json").read_text())
+    job = read_job(done)
+    assert isinstance(job, AnchoredJob) and job.runner == "elmforest.mixtures.anchored:train_anchored_expert"
     init = load_file(done / ROUTER_INIT)
     again = branch_anchored(tmp_path / "animals", job, init["seed"], init["domain"])
-    spec = TrainSpec(**{**job["spec"], "betas": tuple(job["spec"]["betas"])})
+    old = {k: v for k, v in json.loads((again / "job.json").read_text()).items() if k != "runner"}
+    (again / "job.json").write_text(json.dumps(old))  # the record as written before runners were recorded
     model = anchor(_seed(out), init["seed"], init["domain"])
     sampler = DomainSampler(
-        token_array(Corpus(job["corpus"]), out / "tokenizer", "animals", "train"), 32, job["batch_blocks"],
-        job["sampler_seed"], name="animals",
+        token_array(Corpus(job.corpus), out / "tokenizer", "animals", "train"), 32, job.batch_blocks,
+        job.sampler_seed, name="animals",
     )
     per_token = lambda block: step_flops_per_token(model.config, block, anchored=True, convention="kaplan")  # noqa: E731
-    train(model, sampler, spec, again / TRAIN_DIR, stop_at_step=5, progress=False, flops_per_token=per_token)  # stopped early
-    meta = train_anchored_expert(str(again))  # continues from step 5's checkpoint
+    train(model, sampler, job.spec, again / TRAIN_DIR, stop_at_step=5, progress=False, flops_per_token=per_token)  # stopped early
+    main(["train", str(again)])  # dispatched on the inferred runner; continues from step 5's checkpoint
+    meta = json.loads((again / "anchored.json").read_text())
     first = json.loads((done / "anchored.json").read_text())
     assert meta["tokens"] == first["tokens"] and meta["flops"] == first["flops"]
     assert read_metrics(again / TRAIN_DIR / "metrics.jsonl")[-1]["flops"] == first["flops"]
@@ -150,6 +156,35 @@ def test_anchored_training_resumes_bit_identically(run, tmp_path):
     la = [(r["step"], r["loss"]) for r in read_metrics(done / "train" / "metrics.jsonl")]
     lb = [(r["step"], r["loss"]) for r in read_metrics(again / "train" / "metrics.jsonl")]
     assert set(la) <= set(lb)  # the same losses at every logged step (the stop logged step 5 too)
+    assert json.loads((again / "job.json").read_text()) == old  # the record is never rewritten
+
+
+def test_anchored_job_on_two_ranks_has_one_writer(run, tmp_path):
+    """`train_anchored_expert` on 2 gloo ranks: every file in the expert folder is written (created,
+    renamed into place or removed) by rank 0 alone, only rank 0 counts FLOPs, both ranks return
+    the same record, and it is the single-process run's (tokens, FLOPs; weights to DDP's rounding)."""
+    import _ddp_jobs
+
+    from elmforest.train import distributed
+
+    recipe, out = run
+    done = out / ANCHORED_DIR / "code"
+    init = load_file(done / ROUTER_INIT)
+    folder = branch_anchored(tmp_path / "code", read_job(done), init["seed"], init["domain"])
+    ranks = distributed.run_procs(_ddp_jobs.anchored_with_audit, str(folder), procs=2, rank_threads=1)
+    (r0, writes0, counted0, meta0), (r1, writes1, counted1, meta1) = ranks
+    assert (r0, r1) == (0, 1)
+    assert writes1 == [] and counted1 == 0  # rank 1 trained, and wrote and counted nothing
+    written = {w.split(" ", 1)[1] for w in writes0}
+    assert {"anchored.json", "model.safetensors", "config.json", "train/train_state.pt", "train/model.safetensors"} <= written
+    assert counted0 == 1
+    assert meta0 == meta1 == json.loads((folder / "anchored.json").read_text())
+    first = json.loads((done / "anchored.json").read_text())
+    assert (meta0["tokens"], meta0["flops"], meta0["steps"]) == (first["tokens"], first["flops"], first["steps"])
+    a, b = load_file(done / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-3, msg=k)  # see tests/test_distributed.py
 
 
 def test_metrics_count_the_anchored_flops_of_anchored_json(run):
@@ -356,10 +391,10 @@ def test_gpt2_seed_and_missing_runs_are_refused(tmp_path, capsys):
 def test_job_uses_the_btm_experts_batches(run):
     """The anchored expert of a domain draws the BTM expert's very batches (same sampler seed and shape)."""
     recipe, out = run
-    btm = phases.expert_job(recipe, out, "code", {"kind": "domain", "domain": "code"})
+    btm = expert_job(recipe, out, "code", {"kind": "domain", "domain": "code"})
     job = anchored_job(recipe, out, "code", 8)
     for key in ("sampler_seed", "batch_blocks", "context", "data"):
-        assert job[key] == btm[key]
-    assert job["spec"]["total_steps"] == btm["spec"]["total_steps"] - btm["start_step"] and job["start_step"] == 0
-    spec = TrainSpec(**{**btm["spec"], "betas": tuple(btm["spec"]["betas"])})
-    assert job["spec"]["lr"] == pytest.approx(lr_at(btm["start_step"], spec))
+        assert getattr(job, key) == getattr(btm, key)
+    assert job.spec.total_steps == btm.spec.total_steps - btm.start_step and job.start_step == 0
+    assert job.spec.lr == pytest.approx(lr_at(btm.start_step, btm.spec))
+    assert job.runner == "elmforest.mixtures.anchored:train_anchored_expert" and job.embed_windows == 8

@@ -1,6 +1,6 @@
 """Launchers: sequential, local processes, real in-process Ray, submitit's local executor.
 
-The toy jobs in tests/_launcher_jobs.py have the shape of `phases.train_expert`
+The toy jobs in tests/_launcher_jobs.py have the shape of `experts.train_expert`
 (`fn(path, threads) -> dict`), run real torch, and write a tensor file per folder.
 """
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from cli_runner import run_cli
 from elmforest.train.budget import plan_budget, train_spec
-from elmforest.btm import phases
+from elmforest.btm.seed import train_seed
 from elmforest.models.checkpoint import load_train_state
 from elmforest.cli import main
 from elmforest.study.recipe import recipe_from_dict
@@ -261,7 +261,7 @@ def test_demix_stop_and_continue_equals_a_straight_run(corpus, tmp_path):
     data = tiny_recipe(corpus, tmp_path / "base", **{"arms.demix": True})
     recipe = recipe_from_dict(data)
     base = tmp_path / "base"
-    phases.train_seed(recipe, base, full=False, progress=False)
+    train_seed(recipe, base, full=False, progress=False)
     shutil.copytree(base, tmp_path / "straight")
     shutil.copytree(base, tmp_path / "split")
     straight = train_demix(recipe, tmp_path / "straight", progress=False)

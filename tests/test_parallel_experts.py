@@ -1,4 +1,4 @@
-"""Experts trained by the real `phases.train_expert` under every launcher end bit-identical,
+"""Experts trained by the real `experts.train_expert` under every launcher end bit-identical,
 and a worker SIGKILLed mid-training is retried, resumes from its checkpoint, and changes nothing."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from elmforest.models.checkpoint import load_train_state
 from elmforest.config import LauncherConfig
 from elmforest.study.recipe import recipe_from_dict
 from elmforest.launch.launchers import run_jobs
-from elmforest.btm.phases import branch_expert, expert_job, seed_dir, train_expert, train_seed
+from elmforest.btm.experts import branch_expert, expert_job, train_expert
+from elmforest.btm.seed import seed_dir, train_seed
 from tinydata import make_corpus, tiny_recipe
 
 DOMAINS = ["animals", "code"]

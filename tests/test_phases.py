@@ -85,6 +85,43 @@ def test_expert_trains_with_a_fraction_of_the_batch(run):
     assert meta["domain"] == "animals" and meta["parents"] == "seed"
 
 
+def test_job_recording_the_old_module_path_resumes_through_elmforest_train(run, tmp_path):
+    """A job folder whose job.json names the trainer by its module path before the package moved
+    into layers (`elmforest.phases:train_expert`), killed part-way through training, resumes with
+    `elmforest train` and ends bit-identical to the uninterrupted expert of the same job."""
+    import multiprocessing
+
+    import _expert_jobs
+    from elmforest.btm.experts import branch_expert, expert_job
+    from elmforest.btm.seed import seed_dir
+    from elmforest.models.checkpoint import load_train_state
+    from elmforest.study.recipe import load_recipe
+
+    recipe, out = run
+    job = expert_job(load_recipe(recipe), out, "animals", {"kind": "domain", "domain": "animals"})
+    folder = branch_expert(tmp_path / "animals", job, from_seed=seed_dir(out))
+    record = json.loads((folder / "job.json").read_text())
+    assert record["runner"] == "elmforest.btm.experts:train_expert"
+    (folder / "job.json").write_text(json.dumps({**record, "runner": "elmforest.phases:train_expert"}))
+    # Trained part-way: SIGKILLed once step 42 is logged, after the checkpoint at step 40 (every 8 steps).
+    worker = multiprocessing.get_context("spawn").Process(target=_expert_jobs.train_killed_past, args=(str(folder), 1, 42))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == -9 and not (folder / "expert.json").exists()
+    stopped_at = load_train_state(folder / "train_state.pt")["step"]
+    assert 40 <= stopped_at < 64  # a checkpoint between the seed step (32) and the end
+    kept = [line for line in (folder / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= stopped_at]
+    main(["train", str(folder)])
+    ref, got = out / "experts" / "animals", folder
+    assert (got / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    a, b = json.loads((ref / "expert.json").read_text()), json.loads((got / "expert.json").read_text())
+    for key in ("tokens", "flops", "steps", "schedule", "final_loss", "final_valid_loss"):
+        assert b[key] == a[key], key
+    # resumed, not restarted: the rows logged before the kill (with their timings) are still there
+    assert (got / "metrics.jsonl").read_text().splitlines()[: len(kept)] == kept and kept
+    assert json.loads((folder / "job.json").read_text())["runner"] == "elmforest.phases:train_expert"  # never rewritten
+
+
 def test_merge_remove_ls(run, tmp_path, capsys):
     _, out = run
     forest = tmp_path / "forest"
@@ -124,7 +161,7 @@ def test_training_valid_windows_come_from_the_whole_split():
     are their starts."""
     import numpy as np
 
-    from elmforest.btm.phases import valid_batches
+    from elmforest.btm.seed import valid_batches
 
     arrays = {"a": np.arange(4000, dtype=np.int64), "b": np.arange(4000, dtype=np.int64) + 10000}
     batches = valid_batches(arrays, context=8, windows_per_domain=5, batch_size=4, window_seed=0)

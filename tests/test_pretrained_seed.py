@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from elmforest.cli import main
 from elmforest.study.recipe import recipe_from_dict
 from elmforest.data.corpus import Corpus
-from elmforest.btm.phases import initial_model, model_context, prepare_tokenizer
+from elmforest.btm.seed import initial_model, model_context, prepare_tokenizer
 from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from tinydata import make_corpus, tiny_recipe, write_recipe
 

@@ -186,7 +186,7 @@ def test_cli_ensemble_and_eval_give_the_studys_numbers(study, tmp_path, capsys):
 def test_growth_prior_is_the_studys_cached_prior(study):
     """Growth branches a new domain's expert from the same cached prior the study reports for that domain."""
     from elmforest.btm.growth import forest_prior
-    from elmforest.btm.phases import model_context
+    from elmforest.btm.seed import model_context
 
     recipe, out = study
     results = json.loads((out / "results.json").read_text())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elmforest.btm import phases
+from elmforest.btm.experts import train_expert
 from elmforest.cli import main
 from elmforest.config import LoggingConfig, load_recipe
 from elmforest.errors import ElmError
@@ -260,11 +260,11 @@ def test_a_broken_tracker_is_one_warning_and_the_same_weights(study, tmp_path, m
     with_it = _copy_expert(out, tmp_path / "a" / "code", ["tensorboard"])
     without = _copy_expert(out, tmp_path / "b" / "code", [])
     capsys.readouterr()
-    phases.train_expert(str(with_it))
+    train_expert(str(with_it))
     lines = [line for line in capsys.readouterr().err.splitlines() if "tracker" in line]
     assert len(lines) == 1 and lines[0].startswith(f"elmforest: tensorboard tracker {what} for code (")
     assert lines[0].endswith("training goes on without it")  # the error's own lines joined into one
-    phases.train_expert(str(without))
+    train_expert(str(without))
     a, b = load_file(str(with_it / "model.safetensors")), load_file(str(without / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_metrics(with_it / "metrics.jsonl") != [] and (with_it / "expert.json").is_file()

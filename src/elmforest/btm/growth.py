@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from elmforest.train.budget import plan_budget
-from elmforest.btm import phases
+from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
+from elmforest.btm.jobs import JOB_JSON
+from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 from elmforest import storage
 from elmforest.config import Recipe, recipe_from_dict
 from elmforest.data.corpus import Corpus
@@ -69,7 +71,7 @@ def expert_recipe(recipe: Recipe) -> Recipe:
 def fresh_steps(recipe: Recipe, run_dir: Path) -> int:
     """Steps of a grown expert: those of a round-1 expert (total_steps - seed_steps)."""
     tok = Path(run_dir) / "tokenizer"
-    budget = plan_budget(recipe, phases.model_context(recipe, tok))
+    budget = plan_budget(recipe, model_context(recipe, tok))
     return budget.total_steps - budget.seed_steps
 
 
@@ -123,7 +125,7 @@ def branch_grown_expert(
     already branched is left as it is. `models`: the forest's loaded experts, to reuse.
     """
     run_dir, expert_dir = Path(run_dir).resolve(), Path(expert_dir)
-    if (expert_dir / phases.JOB_JSON).is_file():
+    if (expert_dir / JOB_JSON).is_file():
         return expert_dir
     require(init in INITS, f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
     tok = run_dir / "tokenizer"
@@ -133,21 +135,21 @@ def branch_grown_expert(
     forest = Forest(forest_dir)
     if domain in forest.names:
         raise ElmError(f"the forest already has an expert named {domain!r}", forest_dir)
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     prior = forest_prior(forest_dir, corpus, tok, domain, context, recipe, models)
     chosen = choose_parents(prior, top_k, init)
     parents: list[dict[str, Any]] | str = "seed" if init == "seed" else chosen
-    job = phases.expert_job(
+    job = expert_job(
         recipe, run_dir, domain, {"kind": "domain", "domain": domain},
         parents=parents, fresh_steps=fresh_steps(recipe, run_dir),
     )
     if init == "seed":
-        seed = phases.seed_dir(run_dir)
-        require((seed / phases.SEED_JSON).is_file(), "--init seed needs the run's seed (seed/seed.json)", run_dir)
+        seed = seed_dir(run_dir)
+        require((seed / SEED_JSON).is_file(), "--init seed needs the run's seed (seed/seed.json)", run_dir)
         # start_step is 0 (fresh_steps), so the seed's weights come with a fresh AdamW and schedule
-        phases.branch_expert(expert_dir, job, from_seed=seed)
+        branch_expert(expert_dir, job, from_seed=seed)
     else:
-        phases.branch_expert(expert_dir, job, from_experts=[(forest.expert_dir(p["name"]), p["weight"]) for p in chosen])
+        branch_expert(expert_dir, job, from_experts=[(forest.expert_dir(p["name"]), p["weight"]) for p in chosen])
     storage.write_json(
         expert_dir / GROW_JSON,
         {"domain": domain, "init": init, "top_k": top_k, "forest": str(Path(forest_dir).resolve()),
@@ -184,7 +186,7 @@ def grow_expert(
         log(f"{domain} is already in {forest_dir}")
     else:
         branch_grown_expert(rec, run_dir, forest_dir, domain, expert_dir, top_k=top_k, init=init)
-        phases.train_pending(rec, [expert_dir], log)
-        phases.merge_once(forest, expert_dir)
+        train_pending(rec, [expert_dir], log)
+        merge_once(forest, expert_dir)
     meta = read_expert(expert_dir)
     return {**meta, "grow": read_json(expert_dir / GROW_JSON, GROW_JSON)}

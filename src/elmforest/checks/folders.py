@@ -7,8 +7,9 @@ to the `Collector` `c` (one line each, naming the file) instead of stopping at t
     tokenizer      tokenizer.json       loads; its hash equals the one recorded when it was trained
     model          config.json + model.safetensors
                                         weights checksum; tensor names/shapes match config.json
-    expert         expert.json          the model; expert.json's fields; its hashes = the folder's own
-    training run   train.json/job.json  status parses; weights and train_state.pt (when present) load
+    expert         expert.json          the model; expert.json's fields; its hashes = the folder's own; job.json
+    training run   train.json/job.json  status parses; job.json's every field (`btm.jobs`); weights and
+                                        train_state.pt (when present) load
     dense run      dense.json           a training run; dense.json's counts and tokenizer hash agree
     seed           seed.json            a model; seed.json's step = train_state.pt's; hashes = the folder's
     forest         forest.json          every expert present and valid, hashes equal everywhere
@@ -274,7 +275,22 @@ def check_expert(c: Collector, path: Path) -> dict[str, Any] | None:
         c.add(jpath, f"tokenizer_hash {meta['tokenizer_hash']} differs from the folder's tokenizer {tok}")
     if (path / "train_state.pt").is_file():
         check_train_state(c, path / "train_state.pt")
+    check_job(c, path)
     return meta
+
+
+def check_job(c: Collector, path: Path) -> None:
+    """job.json, when the folder has one, validated field by field through the job's own typed
+    record (`elmforest.btm.jobs`, what its runner reads): every problem, one line each."""
+    from elmforest.btm.jobs import JOB_JSON, job_errors
+
+    jpath = path / JOB_JSON
+    if not jpath.is_file():
+        return
+    data = c.read_json(jpath, JOB_JSON)
+    if data is not None:
+        for problem in job_errors(data)[1]:
+            c.add(jpath, problem)
 
 
 def check_training(c: Collector, path: Path, n_domains: int | None = None) -> tuple[dict[str, Any] | None, Any]:
@@ -288,12 +304,7 @@ def check_training(c: Collector, path: Path, n_domains: int | None = None) -> tu
         info = c.read_json(path / "train.json", "train.json")
         if info is not None and info.get("status") not in ("running", "done", "stopped"):
             c.add(path / "train.json", f"field 'status' is {info.get('status')!r}; expected running, done or stopped")
-    if (path / "job.json").is_file():
-        job = c.read_json(path / "job.json", "job.json")
-        if job is not None:
-            for key in ("name", "corpus", "tokenizer", "data", "spec"):
-                if key not in job:
-                    c.add(path / "job.json", f"field {key!r} is missing")
+    check_job(c, path)
     finished = info is not None and info.get("status") in ("done", "stopped")
     config = None
     if (path / "model.safetensors").is_file() or (path / "config.json").is_file() or finished:

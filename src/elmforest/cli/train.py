@@ -45,7 +45,7 @@ def seed(
     """Train the dense LM on all train domains with domain-balanced batches up to the seed fraction of the budget and save it as RUN/seed; --full continues to the dense baseline."""
     from elmforest.train import distributed
     from elmforest.checks.check import check_recipe
-    from elmforest.btm.phases import prepare_tokenizer, train_seed
+    from elmforest.btm.seed import prepare_tokenizer, train_seed
     from elmforest.study.run_folder import claim_run_dir
 
     r = load_recipe(recipe, set_)
@@ -74,7 +74,8 @@ def branch(
 ) -> None:
     """Create an expert folder RUN/experts/NAME initialised from the seed (weights, AdamW state, schedule position) or from a weighted parameter average of existing experts."""
     from elmforest.data.corpus import Corpus
-    from elmforest.btm.phases import branch_expert, expert_job, seed_dir
+    from elmforest.btm.experts import branch_expert, expert_job
+    from elmforest.btm.seed import seed_dir
 
     r = load_recipe(recipe, set_)
     run_dir = out or Path(r.out)
@@ -89,16 +90,26 @@ def branch(
     print(f"branched {target}")
 
 
+def job_runner(expert: Path):
+    """The function that trains the job in folder `expert`, by the runner its job.json records
+    (`elmforest.btm.jobs`: older records' module paths resolved, or the runner inferred)."""
+    from elmforest.btm.experts import train_expert
+    from elmforest.btm.jobs import ANCHORED_RUNNER, EXPERT_RUNNER, read_job
+    from elmforest.mixtures.anchored import train_anchored_expert
+
+    runners = {EXPERT_RUNNER: train_expert, ANCHORED_RUNNER: train_anchored_expert}
+    return runners[read_job(expert).runner]
+
+
 def train(
-    expert: Path = typer.Argument(..., help="Expert folder made by `elmforest branch`."),
+    expert: Path = typer.Argument(..., help="Expert folder made by `elmforest branch` (or any folder with a job.json: an anchored expert's too)."),
     threads: int = typer.Option(None, "--threads", help="torch threads per process (default: the recipe's optim.threads)."),
     procs: int = typer.Option(1, "--procs", help=PROCS_HELP),
 ) -> None:
-    """Train one expert on its own domain to its token budget (resumes if interrupted) and write expert.json."""
+    """Train one expert on its own domain to its token budget (resumes if interrupted) with the function its job.json names, and write its record (expert.json, anchored.json)."""
     from elmforest.train import distributed
-    from elmforest.btm.phases import train_expert
 
-    meta = distributed.run_procs(train_expert, str(expert), threads, True, procs=procs, rank_threads=threads)
+    meta = distributed.run_procs(job_runner(expert), str(expert), threads, True, procs=procs, rank_threads=threads)
     if distributed.env_rank() == 0:
         print(
             f"{meta['name']}: {meta['steps']} steps, {meta['tokens']:,} tokens, FLOPs {meta['flops']:.3e}, "

@@ -3,7 +3,7 @@
 Experts train with zero communication between them (the "embarrassingly parallel" part of
 BTM), so a launcher only has to run one plain function per expert folder:
 
-    fn(path: str, threads: int | None) -> dict     # e.g. elmforest.btm.phases.train_expert
+    fn(path: str, threads: int | None) -> dict     # e.g. elmforest.btm.experts.train_expert
 
 `fn` reads everything it needs from the folder, resumes from the folder's last checkpoint and is
 idempotent. That is what makes failures cheap: a job whose worker dies (exception, non-zero exit,

@@ -43,6 +43,7 @@ Compute: `anchored_flops` (`elmforest.mixtures.anchored_flops`) counts what one 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import shutil
 from collections.abc import Callable
@@ -55,11 +56,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import MixtralForCausalLM, PreTrainedModel
 
+from elmforest.train import distributed
 from elmforest.train.budget import plan_budget, resolve_device
 from elmforest import __version__, storage
 from elmforest.mixtures import btx
 from elmforest.mixtures.anchored_flops import step_flops_per_token
-from elmforest.btm import phases
+from elmforest.btm.experts import expert_job, job_valid_batches
+from elmforest.btm.jobs import ANCHORED_RUNNER, JOB_JSON, AnchoredJob, read_job, write_job
+from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 from elmforest.launch import remote
 from elmforest.models.checkpoint import save_weights, write_safetensors
 from elmforest.config import Recipe
@@ -206,45 +210,43 @@ def anchored_dir(run_dir: Path) -> Path:
     return Path(run_dir) / ANCHORED_DIR
 
 
-def anchored_schedule(spec: dict[str, Any], seed_steps: int) -> dict[str, Any]:
-    """The anchored experts' TrainSpec fields from the BTM experts' (`phases.expert_job`'s spec over
+def anchored_schedule(spec: TrainSpec, seed_steps: int) -> TrainSpec:
+    """The anchored experts' TrainSpec from the BTM experts' (`experts.expert_job`'s spec over
     the whole budget): total_steps - seed_steps steps, warm-up to the seed's current learning rate
     lr_at(seed_steps) (the peak if the seed stopped inside its warm-up), linear decay to lr * final_lr_fraction."""
-    whole = TrainSpec(**{**spec, "betas": tuple(spec["betas"])})
-    steps = whole.total_steps - seed_steps
-    peak = lr_at(max(seed_steps, whole.warmup_steps), whole)
-    final = whole.lr * whole.final_lr_fraction
-    return {
-        **spec,
-        "lr": peak,
-        "total_steps": steps,
-        "warmup_steps": min(whole.warmup_steps, steps - 1),
-        "final_lr_fraction": min(1.0, final / peak),
-    }
+    steps = spec.total_steps - seed_steps
+    peak = lr_at(max(seed_steps, spec.warmup_steps), spec)
+    final = spec.lr * spec.final_lr_fraction
+    return dataclasses.replace(
+        spec, lr=peak, total_steps=steps, warmup_steps=min(spec.warmup_steps, steps - 1),
+        final_lr_fraction=min(1.0, final / peak),
+    )
 
 
-def anchored_job(recipe: Recipe, run_dir: Path, domain: str, embed_windows: int) -> dict[str, Any]:
+def anchored_job(recipe: Recipe, run_dir: Path, domain: str, embed_windows: int) -> AnchoredJob:
     """job.json of the domain's anchored expert: the BTM expert's job (data, batch, sampler seed,
     validation) with the anchored schedule and a fresh optimiser."""
-    job = phases.expert_job(recipe, run_dir, domain, {"kind": "domain", "domain": domain})
-    budget = plan_budget(recipe, job["context"])
-    job["spec"] = anchored_schedule(job["spec"], budget.seed_steps)
-    job.update(start_step=0, init_state=None, kind="anchored", embed_windows=embed_windows)
-    return job
+    btm = expert_job(recipe, run_dir, domain, {"kind": "domain", "domain": domain})
+    budget = plan_budget(recipe, btm.context)
+    return AnchoredJob(
+        **{**dict(btm), "runner": ANCHORED_RUNNER, "spec": anchored_schedule(btm.spec, budget.seed_steps),
+           "start_step": 0, "init_state": None},
+        embed_windows=embed_windows,
+    )
 
 
-def branch_anchored(expert_dir: Path, job: dict[str, Any], seed_rows: torch.Tensor, domain_rows: torch.Tensor) -> Path:
+def branch_anchored(expert_dir: Path, job: AnchoredJob, seed_rows: torch.Tensor, domain_rows: torch.Tensor) -> Path:
     """Create EXPERT/ (atomically): tokenizer files, router_init.safetensors, job.json. A branched
     folder (job.json present) is left as it is."""
     expert_dir = Path(expert_dir)
-    if (expert_dir / phases.JOB_JSON).is_file():
+    if (expert_dir / JOB_JSON).is_file():
         return expert_dir
     if expert_dir.exists():
         shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
     with storage.atomic_dir(expert_dir) as tmp:
-        copy_tokenizer_files(job["tokenizer"], tmp)
+        copy_tokenizer_files(job.tokenizer, tmp)
         write_safetensors({"seed": seed_rows.contiguous(), "domain": domain_rows.contiguous()}, tmp / ROUTER_INIT)
-        storage.write_json(tmp / phases.JOB_JSON, job)
+        write_job(tmp, job)
     return expert_dir
 
 
@@ -257,49 +259,56 @@ def zero_anchored(seed: PreTrainedModel) -> PreTrainedModel:
 
 def train_anchored_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the anchored expert in `expert_dir` (job.json) and export it; returns anchored.json's
-    contents. Idempotent and resumable like `phases.train_expert`: a launcher job function."""
-    from elmforest.mixtures.anchored_flops import anchored_training_flops
-
+    contents. Idempotent and resumable like `experts.train_expert`: a launcher job function.
+    Inside a process group every rank trains (data-parallel); rank 0 alone exports, counts FLOPs
+    and writes, and every rank returns its record."""
     expert_dir = Path(expert_dir)
     done = expert_dir / ANCHORED_JSON
     if done.is_file():
         return read_json(done, ANCHORED_JSON)
-    job = read_json(expert_dir / phases.JOB_JSON, "job.json")
-    corpus, tok, domain = Corpus(job["corpus"]), Path(job["tokenizer"]), job["domain"]
+    job = read_job(expert_dir, AnchoredJob)
+    corpus, tok, domain = Corpus(job.corpus), Path(job.tokenizer), job.domain
     sampler = DomainSampler(
-        token_array(corpus, tok, domain, "train"), job["context"], job["batch_blocks"], job["sampler_seed"], name=domain
+        token_array(corpus, tok, domain, "train"), job.context, job.batch_blocks, job.sampler_seed, name=domain
     )
-    valid = phases.valid_batches(
-        phases.domain_arrays(corpus, tok, [domain], "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
-        phases.job_window_seed(job),
-    )
-    spec_dict = {**job["spec"], "betas": tuple(job["spec"]["betas"])}
-    if threads is not None:
-        spec_dict["threads"] = threads
-    spec = TrainSpec(**spec_dict)
-    seed = load_model(job["seed_checkpoint"])
-    check_llama(seed, job["seed_checkpoint"])
+    valid = job_valid_batches(job, corpus, [domain])
+    spec = job.train_spec(threads)
+    seed = load_model(job.seed_checkpoint)
+    check_llama(seed, job.seed_checkpoint)
     rows = load_file(str(expert_dir / ROUTER_INIT))
     model = anchor(seed, rows["seed"], rows["domain"])
     # metrics.jsonl counts the anchored expert's training FLOPs per token, anchored.json's "flops" figure.
     per_token = functools.partial(step_flops_per_token, model.config, anchored=True, convention="kaplan")
-    with trackers.following(job.get("recipe")):
+    with trackers.following(job.recipe):
         result = train(
             model, sampler, spec, expert_dir / TRAIN_DIR, valid_batches=valid, progress=progress, flops_per_token=per_token
         )
+    meta = None
+    if distributed.is_main():  # under G data-parallel ranks only rank 0 exports, counts and writes
+        meta = export_anchored(expert_dir, job, spec, model, sampler.array, result)
+    return distributed.gather_objects(meta)[0]  # rank 0's record on every rank, once it is written
 
+
+def export_anchored(
+    expert_dir: Path, job: AnchoredJob, spec: TrainSpec, model: PreTrainedModel, train_tokens: Any, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the trained anchored `model` as EXPERT/'s 2-expert Mixtral with the tokenizer files,
+    count one training step's FLOPs, and write anchored.json last; returns its contents."""
+    from elmforest.mixtures.anchored_flops import anchored_training_flops
+
+    tok, domain = Path(job.tokenizer), job.domain
     model.cpu()
     moe = to_mixtral(model)
     save_weights(moe, expert_dir)  # config.json + model.safetensors: the 2-expert Mixtral
     copy_tokenizer_files(tok, expert_dir, overwrite=False)
     # FLOPs of one real training step (a fresh sampler's first batch, one window), counted.
-    window = DomainSampler(sampler.array, job["context"], 1, job["sampler_seed"], name=domain).next_batch()
-    seed = load_model(job["seed_checkpoint"])
+    window = DomainSampler(train_tokens, job.context, 1, job.sampler_seed, name=domain).next_batch()
+    seed = load_model(job.seed_checkpoint)
     fl = anchored_training_flops(seed, zero_anchored(seed), window)
     tokens = result["tokens"]
     meta = {
         "format": ANCHORED_FORMAT,
-        "name": job["name"],
+        "name": job.name,
         "domain": domain,
         "kind": "anchored",
         "experts": ["seed", domain],
@@ -307,11 +316,11 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
         "trained": ["model.layers.*.mlp.experts[1] (the domain's MLP copy)", "model.layers.*.mlp.gate.weight[1] (its router row)"],
         "frozen": ["model.layers.*.mlp.experts[0] (the seed's MLP)", "model.layers.*.mlp.gate.weight[0] (the seed's row)",
                    "attention", "embeddings", "norms", "lm_head"],
-        "router_init": {"kind": "domain_embedding", "windows": job["embed_windows"], "file": ROUTER_INIT},
-        "seed_checkpoint": job["seed_checkpoint"],
+        "router_init": {"kind": "domain_embedding", "windows": job.embed_windows, "file": ROUTER_INIT},
+        "seed_checkpoint": job.seed_checkpoint,
         "tokens": tokens,
         "steps": result["steps"],
-        "schedule": {k: spec_dict[k] for k in ("lr", "warmup_steps", "total_steps", "final_lr_fraction", "weight_decay")},
+        "schedule": {k: getattr(spec, k) for k in ("lr", "warmup_steps", "total_steps", "final_lr_fraction", "weight_decay")},
         # The study's FLOPs axis (Kaplan's convention, `models.flops_per_token`), and the counter's.
         "flops": tokens * fl["kaplan"]["anchored"],
         "flops_measured": tokens * fl["measured"]["anchored"],
@@ -323,9 +332,9 @@ def train_anchored_expert(expert_dir: str, threads: int | None = None, progress:
         "tokenizer_hash": tokenizer_hash(tok),
         "arch_hash": arch_hash(moe.config),
         "elmforest_version": __version__,
-        "recipe": job["recipe"],
+        "recipe": job.recipe,
     }
-    storage.write_json(done, meta)
+    storage.write_json(expert_dir / ANCHORED_JSON, meta)
     return meta
 
 
@@ -349,16 +358,16 @@ def train_anchored_experts(
 
     require(embed_windows >= 1, f"embed_windows must be >= 1, got {embed_windows}")
     run_dir = Path(run_dir)
-    seed_dir = phases.seed_dir(run_dir)
-    read_json(seed_dir / phases.SEED_JSON, "seed.json")  # the seed must be trained
+    seed_path = seed_dir(run_dir)
+    read_json(seed_path / SEED_JSON, "seed.json")  # the seed must be trained
     domains = list(recipe.train_domains)
     dirs = [anchored_dir(run_dir) / d for d in domains]
-    todo = [d for d, p in zip(domains, dirs) if not (p / phases.JOB_JSON).is_file()]
+    todo = [d for d, p in zip(domains, dirs) if not (p / JOB_JSON).is_file()]
     if todo:
-        seed = load_model(seed_dir)
-        check_llama(seed, seed_dir)
+        seed = load_model(seed_path)
+        check_llama(seed, seed_path)
         tok = run_dir / "tokenizer"
-        context = phases.model_context(recipe, tok)
+        context = model_context(recipe, tok)
         corpus = Corpus(recipe.corpus)
         device = resolve_device(recipe.optim.device)
         log(f"anchored experts: router rows from {embed_windows} windows of each train domain")

@@ -46,7 +46,7 @@ from transformers import AutoConfig, MixtralForCausalLM
 from elmforest.train.budget import resolve_device
 from elmforest import __version__, storage
 from elmforest.mixtures import btx
-from elmforest.btm import phases
+from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 from elmforest.mixtures.anchored import ANCHORED_DIR, ROUTER_INIT, check_llama, read_anchored
 from elmforest.models.checkpoint import WEIGHTS_NAME, save_weights, verify_weights, write_safetensors
 from elmforest.config import Recipe
@@ -132,7 +132,7 @@ def merge_anchored(
     require(len(set(domains)) == n, f"two anchored experts share a domain: {domains}")
     routers = [torch.stack([seed_rows[i], *(r[i] for r in rows)]) for i in range(layers)]
     moe = btx.assemble_mixtral(btx.mixtral_config(seed.config, n + 1, k), seed_state, mlps, routers)
-    seed_meta = read_json(seed_dir / phases.SEED_JSON, "seed.json")
+    seed_meta = read_json(seed_dir / SEED_JSON, "seed.json")
     experts = {m["domain"]: {"tokens": m["tokens"], "flops": m["flops"], "flops_measured": m["flops_measured"]} for m in metas}
     meta = {
         "format": MOE_FORMAT,
@@ -183,7 +183,7 @@ def build_anchored_moe(
     if out.exists():
         shutil.rmtree(out)  # not ours to keep: a complete merge always holds anchored_moe.json
     dirs = [run_dir / ANCHORED_DIR / d for d in recipe.train_domains]
-    meta = merge_anchored(phases.seed_dir(run_dir), dirs, out, router_rows=router_rows, top_k=top_k)
+    meta = merge_anchored(seed_dir(run_dir), dirs, out, router_rows=router_rows, top_k=top_k)
     log(f"anchored mixture: {out} ({len(meta['experts'])} experts, top-{meta['top_k']}, {router_rows} router rows)")
     return out
 
@@ -245,7 +245,7 @@ def opt_out_study(
     opt_out(moe_dir, domain, after_dir)
     corpus = Corpus(recipe.corpus)
     tok = run_dir / "tokenizer"
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     kept = [d for d in meta["domains"] if d != domain and d in corpus.domains]
     novel = [d for d in recipe.novel_domains if d not in meta["domains"]]
     device = resolve_device(recipe.optim.device)
@@ -301,7 +301,7 @@ def tune_router(
     corpus = Corpus(recipe.corpus)
     domains = list(base["domains"])
     corpus.require(domains, "the mixture's domains (router tuning samples their train splits)")
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     blocks_per_domain = max(1, recipe.budget.batch_tokens // (context * len(domains)))
     per_step = blocks_per_domain * len(domains) * context
     steps = math.ceil(tokens / per_step)

@@ -1,6 +1,6 @@
 """Mixtures inside one model, as phases of a study: DEMix training and the BTX build.
 
-Plain functions taking paths, like `elmforest.btm.phases`:
+Plain functions taking paths, like `elmforest.btm.seed` and `elmforest.btm.experts`:
 
     train_demix   RUN/seed -> RUN/demix: the seed's model with every MLP split into one copy per
                   train domain (`demix.to_demix`), trained like the dense continuation.
@@ -47,7 +47,7 @@ from elmforest.train.budget import plan_budget, resolve_device, train_spec
 from elmforest import __version__, storage
 from elmforest.mixtures import btx, demix
 from elmforest.train import distributed
-from elmforest.btm import phases
+from elmforest.btm.seed import SEED_JSON, TRAIN_STATE, domain_arrays, model_context, monitor_windows, seed_dir
 from elmforest.models.checkpoint import load_train_state
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
@@ -146,8 +146,8 @@ def demix_optimizer_state(
 def _routed_valid_batches(
     arrays: dict[str, Any], context: int, windows_per_domain: int, batch_size: int, window_seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The valid windows `phases.valid_batches` scores, each with its domain's index: (tokens, ids)."""
-    per_domain = phases.monitor_windows(arrays, context, windows_per_domain, window_seed)
+    """The valid windows `seed.valid_batches` scores, each with its domain's index: (tokens, ids)."""
+    per_domain = monitor_windows(arrays, context, windows_per_domain, window_seed)
     rows = torch.cat(per_domain)
     ids = torch.cat([torch.full((len(w),), j, dtype=torch.long) for j, w in enumerate(per_domain)])
     return list(zip(rows.split(batch_size), ids.split(batch_size)))
@@ -170,17 +170,17 @@ def train_demix(
     if (out / DEMIX_RUN_JSON).is_file():
         return read_json(out / DEMIX_RUN_JSON, DEMIX_RUN_JSON)
     tok = run_dir / "tokenizer"
-    seed = phases.seed_dir(run_dir)
-    seed_meta = read_json(seed / phases.SEED_JSON, "seed.json")
+    seed = seed_dir(run_dir)
+    seed_meta = read_json(seed / SEED_JSON, "seed.json")
     corpus = Corpus(recipe.corpus)
     domains = list(recipe.train_domains)
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     budget = plan_budget(recipe, context)
     spec = train_spec(recipe, budget, budget.dense_micro_batches)
-    train_arrays = phases.domain_arrays(corpus, tok, domains, "train")
+    train_arrays = domain_arrays(corpus, tok, domains, "train")
     sampler = BalancedSampler(train_arrays, context, budget.dense_blocks_per_domain, seed=recipe.optim.seed)
     valid = _routed_valid_batches(
-        phases.domain_arrays(corpus, tok, domains, "valid"),
+        domain_arrays(corpus, tok, domains, "valid"),
         context,
         recipe.eval.valid_windows_per_domain,
         recipe.eval.batch_size,
@@ -188,10 +188,10 @@ def train_demix(
     )
     dense = load_model(seed)
     init = None
-    if (out / phases.TRAIN_STATE).is_file():  # resuming: the checkpoint holds weights and state
+    if (out / TRAIN_STATE).is_file():  # resuming: the checkpoint holds weights and state
         model = demix.to_demix(dense, len(domains))
     else:
-        state = load_train_state(seed / phases.TRAIN_STATE)
+        state = load_train_state(seed / TRAIN_STATE)
         sampler.load_state_dict(state["sampler"])  # continue with the dense run's next batches
         if int(state["step"]) > 0:
             model, opt_state = demix_optimizer_state(dense, state["optimizer"], len(domains), spec)

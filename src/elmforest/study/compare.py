@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from elmforest.btm import phases
+from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 
 from elmforest import storage
 from elmforest.cbtm.cluster import ClusterModel
@@ -77,7 +77,7 @@ def router_row(
     tok_dir = run_dir / "tokenizer"
     tokenizer = load_tokenizer(tok_dir)
     corpus = Corpus(recipe.corpus)
-    context = phases.model_context(recipe, tok_dir)
+    context = model_context(recipe, tok_dir)
     nll: dict[str, float] = {}
     for d in [*recipe.train_domains, *recipe.novel_domains]:
         log(f"router: evaluating {d}")
@@ -90,7 +90,7 @@ def router_row(
         logw = w.T[routed > 0].log().unsqueeze(-1).expand(-1, -1, lp.shape[-1])  # [k, N, T]
         nll[d] = mean_nll(mix_logprobs(lp, logw))
     params = param_count(models[0])
-    seed = read_json(phases.seed_dir(run_dir) / phases.SEED_JSON, "seed.json")
+    seed = read_json(seed_dir(run_dir) / SEED_JSON, "seed.json")
     _, flops = forest_tokens_flops(forest.path, seed)
     row = results_row(nll, recipe.train_domains, recipe.novel_domains, flops, len(models) * params)
     result = {"cbtm_ensemble_router": row, **settings, "clusterer": str(clusterer_dir)}

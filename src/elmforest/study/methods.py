@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from elmforest.btm.phases import dense_multiple_name
+from elmforest.btm.seed import dense_multiple_name
 from elmforest.config import Recipe
 from elmforest.combine.ensemble import POSTERIORS, UPDATING_POSTERIORS, top_k_prior
 from elmforest.combine.mixing import members_logprobs, mixture_logprobs

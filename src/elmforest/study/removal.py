@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from elmforest.btm import phases
+from elmforest.btm.seed import model_context
 
 from elmforest import storage
 from elmforest.config import Recipe
@@ -70,7 +70,7 @@ def removal_study(
         after.remove(n)
     tok = before.tokenizer_dir
     corpus = Corpus(recipe.corpus)
-    context = phases.model_context(recipe, run_dir / "tokenizer")
+    context = model_context(recipe, run_dir / "tokenizer")
     e = recipe.eval
     others = [x.domain for x in before.experts if x.name not in owner]
     domains = [domain, *[d for d in others if d in corpus.domains], *[d for d in recipe.novel_domains if d not in others]]

@@ -69,7 +69,7 @@ def load_model_like(model: torch.nn.Module) -> torch.nn.Module:
 def forest_folders(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
     """Every forest arm of a study and its folder: btm, random, and the seed-fraction sweep's."""
     from elmforest.study.methods import seed_fraction_arm
-    from elmforest.btm.phases import sweep_dir
+    from elmforest.btm.seed import sweep_dir
 
     run_dir = Path(run_dir)
     out = {"btm": run_dir / "forest", "random": run_dir / "random_forest"}

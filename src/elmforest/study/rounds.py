@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from elmforest.btm import phases
+from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
+from elmforest.btm.seed import SEED_JSON, dense_dir, model_context, prepare_tokenizer, seed_dir, train_seed
 
 from elmforest import storage
 from elmforest.config import Recipe
@@ -59,23 +60,23 @@ def _build_forest(forest_dir: Path, tok: Path, previous: Path | None, experts: l
     if previous is not None:
         prev = Forest(previous)
         for n in prev.names:
-            phases.merge_once(forest, prev.expert_dir(n))
+            merge_once(forest, prev.expert_dir(n))
     for p in experts:
-        phases.merge_once(forest, p)
+        merge_once(forest, p)
     return forest
 
 
 def _dense_for_round(recipe: Recipe, out: Path, r: int, seen: list[str], forest_tokens: int, progress: bool) -> Path:
     """Round r's dense model: fresh, balanced over `seen`, floor(forest_tokens / B) steps of B tokens."""
     if r == 1:
-        phases.train_seed(sub_recipe(recipe, recipe.rounds[0].domains), out, full=True, progress=progress)
-        return phases.dense_dir(out)
+        train_seed(sub_recipe(recipe, recipe.rounds[0].domains), out, full=True, progress=progress)
+        return dense_dir(out)
     B = recipe.budget.batch_tokens
     rec = sub_recipe(recipe, seen, **{"budget.total_tokens": (forest_tokens // B) * B,
                                      "tokenizer.path": str((out / "tokenizer").resolve())})
     run = round_dir(out, r) / "dense_run"
-    phases.train_seed(rec, run, full=True, progress=progress)  # its seed/ snapshot is a by-product
-    return phases.dense_dir(run)
+    train_seed(rec, run, full=True, progress=progress)  # its seed/ snapshot is a by-product
+    return dense_dir(run)
 
 
 def _evaluate_round(
@@ -84,7 +85,7 @@ def _evaluate_round(
     """Per-domain NLLs of every arm (cached in rounds/<r>/eval/<domain>.json)."""
     tok = out / "tokenizer"
     corpus = Corpus(recipe.corpus)
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     e = recipe.eval
     scores: dict[str, dict[str, Any]] = {}
     loaded: dict[str, Any] | None = None
@@ -118,8 +119,8 @@ def _round_block(
     recipe: Recipe, out: Path, r: int, seen: list[str], arms: dict[str, Path], dense: Path | None,
     scores: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    seed = read_json(phases.seed_dir(out) / phases.SEED_JSON, "seed.json")
-    params = param_count(load_model(phases.seed_dir(out)))
+    seed = read_json(seed_dir(out) / SEED_JSON, "seed.json")
+    params = param_count(load_model(seed_dir(out)))
     compute: dict[str, dict[str, float]] = {}
     for arm, p in arms.items():
         tokens, flops = forest_tokens_flops(p, seed)
@@ -166,7 +167,7 @@ def run_rounds(
     claim_run_dir(recipe, out)
     first = sub_recipe(recipe, recipe.rounds[0].domains)
     log(f"grow: {len(recipe.rounds)} rounds: " + " | ".join(", ".join(rc.domains) for rc in recipe.rounds))
-    phases.prepare_tokenizer(first, out)  # trained on round 1's domains only
+    prepare_tokenizer(first, out)  # trained on round 1's domains only
     blocks: list[dict[str, Any]] = []
     seen: list[str] = []
     for r, rc in enumerate(recipe.rounds[: max_rounds or len(recipe.rounds)], 1):
@@ -180,12 +181,12 @@ def run_rounds(
         tok = out / "tokenizer"
         arms: dict[str, Path] = {}
         if r == 1:
-            phases.train_seed(first, out, full=False, progress=progress)
+            train_seed(first, out, full=False, progress=progress)
             paths = []
             for d in rc.domains:
-                job = phases.expert_job(first, out, d, {"kind": "domain", "domain": d})
-                paths.append(phases.branch_expert(out / "experts" / d, job, from_seed=phases.seed_dir(out)))
-            phases.train_pending(first, paths, log)
+                job = expert_job(first, out, d, {"kind": "domain", "domain": d})
+                paths.append(branch_expert(out / "experts" / d, job, from_seed=seed_dir(out)))
+            train_pending(first, paths, log)
             arms["forest"] = _build_forest(rdir / "forest", tok, None, paths).path
         else:
             previous = round_dir(out, r - 1) / "forest"
@@ -197,12 +198,12 @@ def run_rounds(
                 seeded.append(branch_grown_expert(first, out, previous, d, out / "experts_seedinit" / d,
                                                   init="seed", models=models))
             del models
-            phases.train_pending(first, [*grown, *seeded], log)
+            train_pending(first, [*grown, *seeded], log)
             arms["forest"] = _build_forest(rdir / "forest", tok, previous, grown).path
             arms["forest_seedinit"] = _build_forest(rdir / "forest_seedinit", tok, previous, seeded).path
         dense = None
         if recipe.arms.dense:
-            tokens, _ = forest_tokens_flops(arms["forest"], read_json(phases.seed_dir(out) / phases.SEED_JSON, "seed.json"))
+            tokens, _ = forest_tokens_flops(arms["forest"], read_json(seed_dir(out) / SEED_JSON, "seed.json"))
             log(f"round {r}: dense model on {', '.join(seen)} ({tokens:,} tokens)")
             dense = _dense_for_round(recipe, out, r, seen, tokens, progress)
         scores = _evaluate_round(recipe, out, r, seen, arms, dense, log)

@@ -28,7 +28,8 @@ from typing import Any
 from elmforest.train.budget import Budget, check_data_parallel, plan_budget
 from elmforest.train import distributed
 from elmforest.mixtures import stages as mixtures
-from elmforest.btm import phases
+from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
+from elmforest.btm.seed import model_context, prepare_tokenizer, seed_dir, sweep_dir, sweep_recipe, train_dense_multiple, train_seed
 from elmforest import storage
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
@@ -53,16 +54,16 @@ def _train_forest(
     home = Path(home) if home is not None else out
     experts_dir = home / ("random_experts" if arm == "random" else "experts")
     forest_dir = home / ("random_forest" if arm == "random" else "forest")
-    seed = home / "seed" if home != out else phases.seed_dir(out)
+    seed = home / "seed" if home != out else seed_dir(out)
     paths = []
     for name, data in jobs:
-        job = phases.expert_job(recipe, out, name, data, seed_from=seed)
-        paths.append(phases.branch_expert(experts_dir / name, job, from_seed=seed))
-    phases.train_pending(recipe, paths, log)
+        job = expert_job(recipe, out, name, data, seed_from=seed)
+        paths.append(branch_expert(experts_dir / name, job, from_seed=seed))
+    train_pending(recipe, paths, log)
     meta = read_expert(paths[0])
     forest = Forest.create(forest_dir, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
     for p in paths:
-        phases.merge_once(forest, p)
+        merge_once(forest, p)
     return forest
 
 
@@ -184,7 +185,7 @@ def _train_and_score(
         return value
 
     log(f"[1/9] tokenizer and token caches -> {out / 'tokenizer'}")
-    tok = stage("tokenizer", lambda: phases.prepare_tokenizer(recipe, out))
+    tok = stage("tokenizer", lambda: prepare_tokenizer(recipe, out))
 
     def caches() -> None:
         for d in [*recipe.train_domains, *recipe.novel_domains]:
@@ -192,7 +193,7 @@ def _train_and_score(
                 token_array(corpus, tok, d, split)
 
     stage("token_caches", caches)
-    context = phases.model_context(recipe, tok)
+    context = model_context(recipe, tok)
     budget = plan_budget(recipe, context)
     log(
         f"budget: {budget.total_steps} steps of {budget.batch_tokens} tokens; seed at step {budget.seed_steps}; "
@@ -201,21 +202,21 @@ def _train_and_score(
     procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
     check_data_parallel(budget, procs)
     log("[2/9] seed (dense, domain-balanced)")
-    stage("seed", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=False, progress=progress, procs=procs))
+    stage("seed", lambda: distributed.run_procs(train_seed, recipe, out, full=False, progress=progress, procs=procs))
     if recipe.arms.dense:
         log("[3/9] dense baseline (the seed run continued to the full budget)")
-        stage("dense", lambda: distributed.run_procs(phases.train_seed, recipe, out, full=True, progress=progress, procs=procs))
+        stage("dense", lambda: distributed.run_procs(train_seed, recipe, out, full=True, progress=progress, procs=procs))
         for k in recipe.arms.dense_multiples:
             log(f"[3/9] dense at {k:g} x the compute, from scratch with its own schedule")
             stage(f"dense_x{k:g}", lambda k=k: distributed.run_procs(
-                phases.train_dense_multiple, recipe, out, k, progress=progress, procs=procs))
+                train_dense_multiple, recipe, out, k, progress=progress, procs=procs))
     log("[4/9] BTM forest: one expert per train domain")
     domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
     stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
     for f in recipe.arms.seed_fractions:
         log(f"[4/9] BTM forest branched at {f:g} of the budget (seed-fraction sweep)")
-        stage(f"btm_seed{f:g}", lambda f=f: _train_forest(phases.sweep_recipe(recipe, f), out, "btm", domain_jobs, log,
-                                                          home=phases.sweep_dir(out, f)))
+        stage(f"btm_seed{f:g}", lambda f=f: _train_forest(sweep_recipe(recipe, f), out, "btm", domain_jobs, log,
+                                                          home=sweep_dir(out, f)))
     if recipe.arms.random_split:
         log("[5/9] random-split forest")
         n = len(recipe.train_domains)

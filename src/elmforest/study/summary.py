@@ -20,7 +20,7 @@ import numpy as np
 
 from elmforest.train.budget import Budget
 from elmforest.mixtures import stages as mixtures
-from elmforest.btm import phases
+from elmforest.btm.seed import DENSE_MULTIPLE_JSON, dense_multiple_dir
 from elmforest.combine.bootstrap import Bootstrap, DomainDocs, compare, compute_to_match
 from elmforest.config import Recipe
 from elmforest.errors import ElmError
@@ -56,7 +56,7 @@ def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]],
         dense = read_json(out / "dense" / "dense.json", "dense.json")
         arms["dense"] = {"tokens": dense["tokens"], "flops": dense["flops"]}
         for k in recipe.arms.dense_multiples:
-            d = read_json(phases.dense_multiple_dir(out, k) / phases.DENSE_MULTIPLE_JSON, phases.DENSE_MULTIPLE_JSON)
+            d = read_json(dense_multiple_dir(out, k) / DENSE_MULTIPLE_JSON, DENSE_MULTIPLE_JSON)
             arms[dense_multiple_name(k)] = {"tokens": d["tokens"], "flops": d["flops"]}
     for arm, folder in forest_folders(recipe, out).items():
         if (folder / "forest.json").is_file():

@@ -1,21 +1,20 @@
-"""The BTM phases as plain functions taking paths.
+"""The dense run the forest grows from: the run's tokenizer, the seed, the dense baseline and the
+dense models at k x the compute, as plain functions taking paths.
 
-    seed   train the dense LM on all train domains with domain-balanced batches up to the seed
-           fraction of the budget, snapshot it as the seed, and (optionally) continue the same
-           run to the full budget: that continuation is the compute-matched dense baseline.
-    branch create an expert folder from the seed (weights plus, by default, its AdamW state and
-           schedule position) or from a weighted parameter average of existing experts.
-    train  train one expert on its own data; everything it needs is in its folder (`job.json`),
-           so it runs the same in-process, in a worker process, or as a Ray task.
+    tokenizer  RUN/tokenizer: a copy of the recipe's (or its `model.path` folder's) or BPE trained
+               on the train domains.
+    seed       train the dense LM on all train domains with domain-balanced batches up to the seed
+               fraction of the budget, snapshot it as RUN/seed (and the seed-fraction sweep's extra
+               seeds), and (optionally) continue the same run to the full budget: that continuation
+               is the compute-matched dense baseline, RUN/dense.
+    multiples  RUN/dense_x<k>: the dense LM trained from scratch on k x the budget.
 
-Compute matching (the paper's, `elmforest.train.budget`): each of n experts gets 1/n of the dense
-batch for the same number of steps as the dense continuation.
+The experts branched from the seed, and their training, are `elmforest.btm.experts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,12 @@ from elmforest import __version__, storage
 
 from elmforest.train import distributed
 from elmforest.train.budget import Budget, plan_budget, train_spec
-from elmforest.models.checkpoint import load_train_state
 from elmforest.config import Recipe
-from elmforest.data.corpus import Corpus, check_domain_name
+from elmforest.data.corpus import Corpus
 from elmforest.errors import ElmError
 from elmforest.combine.evaluate import spread_windows
-from elmforest.combine.forest import EXPERT_JSON, read_expert, read_json
+from elmforest.combine.forest import read_json
 from elmforest.models.factory import (
-    TOKENIZER_FILES,
     arch_hash,
     build_model,
     copy_tokenizer_files,
@@ -42,14 +39,12 @@ from elmforest.models.factory import (
     resolve_spec,
     token_ids,
 )
-from elmforest.data.sampler import BalancedSampler, DomainSampler, RandomSplitSampler
+from elmforest.data.sampler import BalancedSampler
 from elmforest.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
 from elmforest.data.tokens import token_array
-from elmforest.train.spec import TrainSpec
 from elmforest.train.loop import train
 from elmforest.train import trackers
 
-JOB_JSON = "job.json"
 SEED_JSON = "seed.json"
 TRAIN_STATE = "train_state.pt"
 
@@ -320,207 +315,3 @@ def _config_obj(config: dict[str, Any]):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(**config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Branch
-
-
-def expert_job(
-    recipe: Recipe,
-    run_dir: Path,
-    name: str,
-    data: dict[str, Any],
-    *,
-    parents: list[dict[str, Any]] | str = "seed",
-    init_state: str | None = None,
-    fresh_steps: int | None = None,
-    seed_from: Path | None = None,
-) -> dict[str, Any]:
-    """Everything `train_expert` needs, as plain JSON.
-
-    data: {"kind": "domain", "domain": d} or {"kind": "random_split", "domains": [...], "part": i, "parts": n}.
-    fresh_steps: train this many steps on a schedule of their own (growing a forest); default:
-    continue the seed's schedule from the seed step to the end of the budget.
-    """
-    check_domain_name(name, "expert name")
-    run_dir = Path(run_dir).resolve()
-    tok = run_dir / "tokenizer"
-    context = model_context(recipe, tok)
-    budget = plan_budget(recipe, context)
-    spec = dataclasses.asdict(train_spec(recipe, budget, budget.expert_micro_batches))
-    start = budget.seed_steps
-    if fresh_steps is not None:
-        start = 0
-        spec.update(total_steps=fresh_steps, warmup_steps=min(budget.warmup_steps, max(fresh_steps - 1, 0)))
-    domain = data["domain"] if data["kind"] == "domain" else name
-    return {
-        "name": name,
-        "domain": domain,
-        "corpus": str(Path(recipe.corpus).resolve()),
-        "tokenizer": str(tok),
-        "data": data,
-        "context": context,
-        "batch_blocks": budget.expert_blocks,
-        "sampler_seed": recipe.optim.seed + 1 + _stable_index(name),
-        "spec": spec,
-        "start_step": start,
-        "init_state": init_state,
-        "parents": parents,
-        "seed_checkpoint": str(Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)),
-        "valid_windows": recipe.eval.valid_windows_per_domain,
-        "eval_batch_size": recipe.eval.batch_size,
-        "train_domains": list(recipe.train_domains),
-        "recipe": recipe.model_dump(mode="json"),
-    }
-
-
-def job_window_seed(job: dict[str, Any]) -> int:
-    """The recipe's eval.window_seed recorded in a job (0 for jobs written before it was)."""
-    return int(job.get("recipe", {}).get("eval", {}).get("window_seed", 0))
-
-
-def _stable_index(name: str) -> int:
-    import zlib
-
-    return zlib.crc32(name.encode("utf-8")) % 100_000
-
-
-def branch_expert(
-    expert_dir: Path,
-    job: dict[str, Any],
-    *,
-    from_seed: Path | None = None,
-    copy_optimizer: bool = True,
-    from_experts: list[tuple[Path, float]] | None = None,
-) -> Path:
-    """Create an expert folder ready to train: initial weights, tokenizer, `job.json`.
-
-    From the seed: its weights and (by default) its AdamW state and step, as in the reference
-    setup. From experts: the weighted parameter average of their weights, fresh AdamW state.
-    A finished branch (job.json present) is left as it is.
-    """
-    expert_dir = Path(expert_dir)
-    if (expert_dir / JOB_JSON).is_file():
-        return expert_dir
-    if (from_seed is None) == (from_experts is None):
-        raise ElmError("branch from the seed or from experts, not both or neither")
-    if expert_dir.exists():
-        shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
-    tok = Path(job["tokenizer"])
-    if from_seed is not None:
-        from_seed = Path(from_seed)
-        read_json(from_seed / SEED_JSON, "seed.json")
-        with storage.atomic_dir(expert_dir) as tmp:
-            for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
-                if (from_seed / name).is_file():
-                    shutil.copy2(from_seed / name, tmp / name)
-        if copy_optimizer and job["start_step"] > 0:
-            job = {**job, "init_state": str((from_seed / TRAIN_STATE).resolve())}
-        else:
-            job = _fresh_schedule(job)
-    else:
-        from elmforest.combine.averaging import average_folders
-
-        dirs = [Path(d) for d, _ in from_experts]
-        weights = [float(w) for _, w in from_experts]
-        average_folders(dirs, weights, "weighted", expert_dir)
-        copy_tokenizer_files(tok, expert_dir, overwrite=False)
-        job = _fresh_schedule(job)
-    storage.write_json(expert_dir / JOB_JSON, job)
-    return expert_dir
-
-
-def _fresh_schedule(job: dict[str, Any]) -> dict[str, Any]:
-    """A fresh AdamW and a schedule of its own with the same number of steps (warm-up included)."""
-    spec = dict(job["spec"])
-    steps = spec["total_steps"] - job["start_step"]
-    spec.update(total_steps=steps, warmup_steps=min(spec["warmup_steps"], steps - 1))
-    return {**job, "spec": spec, "start_step": 0, "init_state": None}
-
-
-# ---------------------------------------------------------------------------------------------
-# Train
-
-
-def _expert_sampler(job: dict[str, Any], corpus: Corpus, tok: Path):
-    data = job["data"]
-    context, blocks, seed = job["context"], job["batch_blocks"], job["sampler_seed"]
-    if data["kind"] == "domain":
-        return DomainSampler(token_array(corpus, tok, data["domain"], "train"), context, blocks, seed, name=data["domain"])
-    if data["kind"] == "random_split":
-        arrays = domain_arrays(corpus, tok, data["domains"], "train")
-        return RandomSplitSampler(
-            arrays, data["parts"], data["part"], context, blocks, seed,
-            partition_seed=data.get("partition_seed", 0), balanced=data.get("mix") == "balanced",
-        )
-    raise ElmError(f"unknown data kind {data['kind']!r}", JOB_JSON)
-
-
-def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
-    resumable (a killed run continues from the folder's last checkpoint). Inside a process group
-    every rank calls it (data-parallel training of this one expert); rank 0 writes."""
-    expert_dir = Path(expert_dir)
-    done = expert_dir / EXPERT_JSON
-    if done.is_file():
-        return read_json(done, "expert.json")
-    job = read_json(expert_dir / JOB_JSON, "job.json")
-    corpus = Corpus(job["corpus"])
-    tok = Path(job["tokenizer"])
-    sampler = _expert_sampler(job, corpus, tok)
-    valid_domains = [job["data"]["domain"]] if job["data"]["kind"] == "domain" else job["train_domains"]
-    valid = valid_batches(
-        domain_arrays(corpus, tok, valid_domains, "valid"), job["context"], job["valid_windows"], job["eval_batch_size"],
-        job_window_seed(job),
-    )
-    spec_dict = dict(job["spec"])
-    spec_dict["betas"] = tuple(spec_dict["betas"])
-    if threads is not None:
-        spec_dict["threads"] = threads
-    spec = TrainSpec(**spec_dict)
-    model = load_model(expert_dir)
-    init = None
-    if job.get("init_state") and not (expert_dir / TRAIN_STATE).is_file():
-        state = load_train_state(job["init_state"])  # the seed's AdamW moments and step
-        init = {"optimizer": state["optimizer"], "step": state["step"]}
-    with trackers.following(job.get("recipe")):  # the job's own recipe: trackers start inside the worker
-        result = train(model, sampler, spec, expert_dir, valid_batches=valid, progress=progress, init_optimizer_state=init)
-    meta = {
-        "name": job["name"],
-        "domain": job["domain"],
-        "kind": job["data"]["kind"],
-        "parents": job["parents"],
-        "seed_checkpoint": job["seed_checkpoint"],
-        "tokens": result["tokens"],
-        "flops": result["flops"],
-        "steps": result["steps"] - result["start_step"],
-        "schedule": {"start_step": result["start_step"], "total_steps": spec.total_steps},
-        "final_loss": result["final_loss"],
-        "final_valid_loss": result["final_valid_loss"],
-        "seconds": result["seconds"],
-        "tokenizer_hash": tokenizer_hash(tok),
-        "arch_hash": arch_hash(model.config),
-        "elmforest_version": __version__,
-        "recipe": job["recipe"],
-    }
-    if distributed.is_main():  # under G data-parallel ranks only rank 0 writes files
-        storage.write_json(done, meta)
-    return meta
-
-
-def train_pending(recipe: Recipe, expert_dirs: list[Path], log: Callable[[str], None]) -> None:
-    """Train the expert folders that have no expert.json yet with the recipe's launcher (resumable)."""
-    from elmforest.launch.launchers import run_jobs
-
-    pending = [str(p) for p in expert_dirs if not (Path(p) / EXPERT_JSON).is_file()]
-    if pending:
-        names = [f"{Path(p).parent.name}/{Path(p).name}" for p in pending]
-        log(f"training {len(pending)} experts ({recipe.launcher.kind} launcher): {', '.join(names)}")
-        run_jobs(pending, train_expert, recipe.launcher, names=names, log=log)
-
-
-def merge_once(forest, expert_dir: Path) -> None:
-    """Merge unless the forest already holds an expert of that name (a resumed run)."""
-    if read_expert(expert_dir)["name"] not in forest.names:
-        forest.merge(expert_dir)
