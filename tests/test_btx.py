@@ -9,7 +9,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from safetensors.torch import load_file
 
-from elmforest.mixtures.btx import finetune_router, mix_experts, moe_flops_per_token, router_parameters, router_spec, save_moe
+from elmforest.mixtures.btx import (
+    assemble_mixtral, finetune_router, llama_mlps, mix_experts, mixtral_config, moe_flops_per_token, router_parameters,
+    router_spec, save_moe,
+)
 from elmforest.errors import ElmError
 from elmforest.models.factory import flops_per_token
 from elmforest.train.state import read_metrics
@@ -79,6 +82,35 @@ def test_weighted_average_with_forced_routing_reproduces_each_expert(monkeypatch
     key = "model.layers.1.self_attn.q_proj.weight"
     want = 0.75 * experts[0].state_dict()[key] + 0.25 * experts[1].state_dict()[key]
     torch.testing.assert_close(moe.state_dict()[key], want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_row_i_routes_to_expert_i(top_k):
+    """assemble_mixtral puts routers[l][i] in front of expert i's MLP: with row i alone pointing at
+    feature 0 (> 0 on every token) and the other rows away from it, layer l's MoE block is expert
+    i's MLP (top_k 2: expert i with weight ~1, the runner-up ~0), for every i and every layer."""
+    experts = [llama(s) for s in (0, 1, 2)]
+    n, layers = 3, 2
+    config = mixtral_config(experts[0].config, n, top_k)
+    shared = {k: v for k, v in experts[0].state_dict().items() if ".mlp." not in k}
+    mlps = [llama_mlps(e.state_dict(), layers) for e in experts]
+    h = torch.randn(2, 7, H)
+    h[..., 0] = h[..., 0].abs() + 0.5
+    for i in range(n):
+        routers = []
+        for _ in range(layers):
+            rows = torch.zeros(n, H)
+            rows[:, 0] = -torch.arange(1.0, n + 1) * 20  # every other row: far below
+            rows[i, 0] = 60.0
+            routers.append(rows)
+        moe = assemble_mixtral(config, shared, mlps, routers)
+        with torch.no_grad():
+            for layer in range(layers):
+                torch.testing.assert_close(moe.model.layers[layer].mlp.gate.weight, routers[layer])
+                want = experts[i].model.layers[layer].mlp(h)
+                torch.testing.assert_close(moe.model.layers[layer].mlp(h), want, atol=1e-4, rtol=0)
+                other = experts[(i + 1) % n].model.layers[layer].mlp(h)
+                assert not torch.allclose(want, other, atol=1e-3)
 
 
 def test_identical_experts_reproduce_the_llama_model():

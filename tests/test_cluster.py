@@ -116,16 +116,18 @@ def two_domain_corpus(tmp_path):
 
 def test_cluster_corpus_recovers_the_domains(two_domain_corpus, tmp_path):
     out = tmp_path / "clustered"
-    summary = cluster_corpus(two_domain_corpus, ["fruit", "motor"], 2, out, svd_dim=10, seed=0)
+    # motor's words are longer (6.9 letters against fruit's 5.3): ~56% of the bytes, so a slack of
+    # 20% lets each domain fit in one cluster
+    summary = cluster_corpus(two_domain_corpus, ["fruit", "motor"], 2, out, svd_dim=10, seed=0, tolerance=0.2)
     assert summary["adjusted_rand_index"] > 0.95
     counts = np.asarray(summary["contingency"]["counts"])
     assert summary["contingency"]["rows"] == ["fruit", "motor"] and counts.shape == (2, 2)
     assert counts.sum() == 160
     assert sorted(counts.max(axis=1).tolist()) == [80, 80]  # each domain lands in one cluster
-    # balanced by tokens (whitespace words without a tokenizer): ceil(words / 2 * 1.1) each
-    words = sum(len(t.split()) for d in ("fruit", "motor") for t in two_domain_corpus.texts(d, "train"))
-    assert summary["balance"] == "tokens" and summary["size_unit"] == "whitespace-separated words"
-    assert summary["capacity"] == -(-words * 11 // 20) and sum(summary["train_size"]) == words
+    # balanced by tokens (UTF-8 bytes without a tokenizer): ceil(bytes / 2 * 1.2) each
+    size = sum(len(t.encode("utf-8")) for d in ("fruit", "motor") for t in two_domain_corpus.texts(d, "train"))
+    assert summary["balance"] == "tokens" and summary["size_unit"] == "UTF-8 bytes"
+    assert summary["capacity"] == -(-size * 12 // 20) and sum(summary["train_size"]) == size
     assert max(summary["train_size"]) <= summary["capacity"] and summary["over_capacity"] == []
 
     new = Corpus(out)
@@ -134,7 +136,7 @@ def test_cluster_corpus_recovers_the_domains(two_domain_corpus, tmp_path):
     assert total == 160
     for c, d in enumerate(new.domains):  # splits are by document hash, so train stays train
         assert len(list(new.texts(d, "train"))) == summary["sizes"]["train"][c]
-        assert sum(len(t.split()) for t in new.texts(d, "train")) == summary["train_size"][c]
+        assert sum(len(t.encode("utf-8")) for t in new.texts(d, "train")) == summary["train_size"][c]
     assert new.manifest["clustering"]["adjusted_rand_index"] == summary["adjusted_rand_index"]
     assert new.manifest["domains"]["cluster0"]["licence"] == "CC-BY; CC0"
     assert json.loads((out / "cluster.json").read_text()) == summary
@@ -171,7 +173,7 @@ def test_cli_command_prints_table_and_ari(two_domain_corpus, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli_out"
     args = ["cluster", str(two_domain_corpus.path), "--k", "2", "--out", str(out),
-            "--domains", "fruit,motor", "--svd-dim", "10", "--seed", "0"]
+            "--domains", "fruit,motor", "--svd-dim", "10", "--seed", "0", "--tolerance", "0.2"]  # motor: ~56% of the bytes
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "adjusted Rand index vs source domains: 1.0000" in result.output
@@ -218,10 +220,10 @@ def test_carried_domains_keep_their_own_documents(two_domain_corpus, tmp_path):
 
 @pytest.fixture
 def huge_and_tiny_corpus(tmp_path):
-    """fruit: 10 documents of 220-280 words; motor: 320 documents of 8-12 words (about as many words)."""
+    """fruit: 10 documents of 220-280 words; motor: 320 documents of 6-8 (longer) words: about as many bytes."""
     rng = np.random.default_rng(0)
     fruit = [" ".join(rng.choice(FRUIT, size=int(rng.integers(220, 281)))) for _ in range(10)]
-    motor = [" ".join(rng.choice(MOTOR, size=int(rng.integers(8, 13)))) for _ in range(320)]
+    motor = [" ".join(rng.choice(MOTOR, size=int(rng.integers(6, 9)))) for _ in range(320)]
     write_corpus(tmp_path / "src", [DomainSource("fruit", fruit), DomainSource("motor", motor)])
     return Corpus(tmp_path / "src")
 
@@ -229,11 +231,11 @@ def huge_and_tiny_corpus(tmp_path):
 def test_token_balancing_finds_the_domains_that_document_balancing_splits(huge_and_tiny_corpus, tmp_path, capsys):
     corpus = huge_and_tiny_corpus
     train = {d: list(corpus.texts(d, "train")) for d in ("fruit", "motor")}
-    words = {d: sum(len(t.split()) for t in train[d]) for d in train}
+    nbytes = {d: sum(len(t.encode("utf-8")) for t in train[d]) for d in train}  # the default size: bytes
     n_docs = len(train["fruit"]) + len(train["motor"])
-    word_cap = -(-(words["fruit"] + words["motor"]) * 11 // 20)  # ceil(words / 2 * 1.1)
+    byte_cap = -(-(nbytes["fruit"] + nbytes["motor"]) * 11 // 20)  # ceil(bytes / 2 * 1.1)
     doc_cap = -(-n_docs * 11 // 20)
-    assert max(words.values()) <= word_cap and len(train["motor"]) > doc_cap  # so the outcomes differ
+    assert max(nbytes.values()) <= byte_cap and len(train["motor"]) > doc_cap  # so the outcomes differ
 
     by_tokens, by_docs = tmp_path / "by_tokens", tmp_path / "by_docs"
     code, out_t, err = run_cli(["corpus", "cluster", corpus.path, "--k", 2, "--out", by_tokens, "--svd-dim", 10], capsys)
@@ -242,16 +244,16 @@ def test_token_balancing_finds_the_domains_that_document_balancing_splits(huge_a
                                 "--balance", "documents"], capsys)
     assert code == 0, err
 
-    # tokens: every cluster's train words (counted here from the written corpus) within the bound,
+    # tokens: every cluster's train bytes (counted here from the written corpus) within the bound,
     # and each source domain whole in one cluster
     new = Corpus(by_tokens)
-    cluster_words = [sum(len(t.split()) for t in new.texts(c, "train")) for c in new.domains]
-    assert max(cluster_words) <= word_cap
+    cluster_bytes = [sum(len(t.encode("utf-8")) for t in new.texts(c, "train")) for c in new.domains]
+    assert max(cluster_bytes) <= byte_cap
     summary = json.loads((by_tokens / "cluster.json").read_text())
-    assert summary["capacity"] == word_cap and summary["train_size"] == cluster_words
+    assert summary["capacity"] == byte_cap and summary["train_size"] == cluster_bytes
     assert sorted(max(row) / sum(row) for row in summary["contingency"]["counts"]) == [1.0, 1.0]
     assert summary["adjusted_rand_index"] == 1.0
-    assert "balanced by whitespace-separated words" in out_t and "adjusted Rand index vs source domains: 1.0000" in out_t
+    assert "balanced by UTF-8 bytes" in out_t and "adjusted Rand index vs source domains: 1.0000" in out_t
 
     # documents: every cluster within ceil(n/2 * 1.1) train documents, so motor must be split
     new = Corpus(by_docs)
@@ -275,13 +277,13 @@ def test_tokenizer_sizes_are_its_token_counts(two_domain_corpus, tmp_path):
     tok = load_tokenizer(tok_dir)
     new = Corpus(out)
     tokens = [sum(len(tok.encode(t, add_special_tokens=False)) for t in new.texts(c, "train")) for c in new.domains]
-    words = [sum(len(t.split()) for t in new.texts(c, "train")) for c in new.domains]
+    size = [sum(len(t.encode("utf-8")) for t in new.texts(c, "train")) for c in new.domains]
     assert summary["size_unit"] == "tokens" and summary["tokenizer"] == str(tok_dir)
-    assert summary["train_size"] == tokens != words  # BPE tokens, not words
+    assert summary["train_size"] == tokens != size  # BPE tokens, not the default's bytes
     assert summary["capacity"] == -(-sum(tokens) * 11 // 20) >= max(tokens)
     texts = ["apple banana", "engine piston turbo", "kiwi"]
     np.testing.assert_array_equal(document_sizes(texts, tok_dir), [len(tok.encode(t, add_special_tokens=False)) for t in texts])
-    np.testing.assert_array_equal(document_sizes(texts), [2, 3, 1])
+    np.testing.assert_array_equal(document_sizes(texts), [12, 19, 4])  # UTF-8 bytes by default
 
 
 def test_balance_options_are_checked(two_domain_corpus, tmp_path, capsys):

@@ -209,6 +209,23 @@ def test_dense_at_twice_the_compute(study):
     assert isinstance(ctm["multiple"], str) or 1.0 <= ctm["multiple"] <= 2.0
 
 
+def test_compute_to_match_of_each_part_comes_from_that_parts_perplexities(study):
+    """results.json's novel figure reads novel perplexities (not the train part's), and both
+    cross where dense's own means say."""
+    from elmforest.combine.bootstrap import crossing
+
+    _, out = study
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["compute_to_match"]) == {"train", "novel"}
+    for part in ("train", "novel"):
+        ctm = results["compute_to_match"][part]
+        dense = [results["dense"][f"{part}_mean"], results["dense_x2"][f"{part}_mean"]]
+        assert ctm["points"] == pytest.approx({"1": dense[0], "2": dense[1]})
+        want = crossing([1.0, 2.0], [math.log(p) for p in dense], math.log(results["btm_ensemble_cached"][f"{part}_mean"]))
+        assert ctm["multiple"] == (want if isinstance(want, str) else pytest.approx(want))
+    assert results["dense"]["novel_mean"] != pytest.approx(results["dense"]["train_mean"], rel=1e-3)
+
+
 def test_a_method_missing_from_the_cache_is_rescored_and_an_unscorable_one_is_named(study, tmp_path):
     recipe, out = study
     path = out / "eval" / "animals.json"

@@ -28,7 +28,7 @@ def corpus_cluster(
     tokenizer: Path | None = typer.Option(
         None, "--tokenizer",
         help="Tokenizer folder that counts each document's tokens for --balance tokens "
-        "(default: whitespace-separated words; cluster.json records which).",
+        "(default: UTF-8 bytes, which track a BPE's tokens; cluster.json records which).",
     ),
     tolerance: float = typer.Option(0.1, "--tolerance", help="Balance slack (see --balance)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the SVD and of the k-means++ initialisation."),

@@ -1,5 +1,5 @@
 """`elmforest ensemble` and `eval`: use a forest's experts together; and the options and helpers
-the forest commands share (`commands.average`, `commands.generate` take them from here).
+the forest commands share (`cli.average`, `cli.generate` take them from here).
 
     ensemble FOREST --domain D   cached prior on D's valid split, then test perplexity of the
                                  domain-posterior ensemble (optionally top-k, tuned mixing)

@@ -129,7 +129,8 @@ def plot_compute_curves(curves: dict[str, list[tuple[float, float]]], path: Path
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker=".", label=name)
     ax.set_xlabel("training FLOPs (cumulative, all arms count the seed)")
-    ax.set_ylabel("valid perplexity (geometric mean over train domains)")
+    # Two lines: on one the label is taller than the 4-inch axes and the figure cuts it off.
+    ax.set_ylabel("valid perplexity\n(geometric mean over train domains)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
