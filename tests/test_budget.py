@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from elmforest.btm import phases
+from elmforest.btm import experts
 from elmforest.config import Recipe
 from elmforest.train.budget import plan_budget
 from tinydata import tiny_recipe
@@ -40,8 +40,8 @@ def test_each_expert_step_is_one_nth_of_the_dense_step(tmp_path, n, batch, micro
 @pytest.mark.parametrize("n, batch, micro", CASES)
 def test_an_expert_job_trains_one_nth_of_the_dense_batch(tmp_path, monkeypatch, n, batch, micro):
     recipe = _recipe(tmp_path, n, batch, micro)
-    monkeypatch.setattr(phases, "model_context", lambda recipe, tok: CONTEXT)  # no tokenizer needed
-    job = phases.expert_job(recipe, tmp_path / "run", "d0", {"kind": "domain", "domain": "d0"})
+    monkeypatch.setattr(experts, "model_context", lambda recipe, tok: CONTEXT)  # no tokenizer needed
+    job = experts.expert_job(recipe, tmp_path / "run", "d0", {"kind": "domain", "domain": "d0"})
     # tokens per optimizer step = windows per micro-batch x micro-batches x window length
-    assert job["batch_blocks"] * job["spec"]["micro_batches"] * job["context"] == batch // n
-    assert job["spec"]["total_steps"] == 10 and job["start_step"] == round(0.5 * 10)
+    assert job.batch_blocks * job.spec.micro_batches * job.context == batch // n
+    assert job.spec.total_steps == 10 and job.start_step == round(0.5 * 10)
