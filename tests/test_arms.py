@@ -31,9 +31,7 @@ class SeedAgain(Arm):
 
     name = "seed_again"
     fields = SeedAgainFields
-
-    def instances(self, recipe):
-        return [self.name] if recipe.arms.seed_again else []
+    switch = "seed_again"
 
     def methods(self, recipe, name):
         return [StudyMethod("seed_again", name, "the seed under another name", lambda ev: ev.single_lp("seed"),

@@ -28,6 +28,13 @@ def model_params(folder: Path) -> int:
     return param_count(load_model(folder))
 
 
+def lend_model(models: Any, name: str, folder: Path) -> None:
+    """Load the model in `folder` as `models.singles[name]`, when it is there (a method that needs
+    it and finds none says so, naming itself and the domain)."""
+    if (folder / "model.safetensors").is_file():
+        models.singles[name] = load_model(folder).eval()
+
+
 def run_record(name: str, folder: Path, meta: dict[str, Any], compute_matched: bool) -> ArmRecord:
     """The record of a one-model arm whose training JSON holds its cumulative tokens and FLOPs."""
     return ArmRecord(arm=name, tokens=int(meta["tokens"]), flops=float(meta["flops"]),
@@ -53,7 +60,7 @@ class SeedArm(Arm):
         dense_run(ctx, full=False)
 
     def provide(self, models: Any, name: str) -> None:
-        models.singles[name] = load_model(models.run_dir / "seed").eval()
+        lend_model(models, name, phases.seed_dir(models.run_dir))
 
     def derive(self, recipe: Any, run_dir: Path, name: str, earlier: dict[str, ArmRecord]) -> ArmRecord | None:
         folder = phases.seed_dir(run_dir)
@@ -81,7 +88,7 @@ class DenseArm(Arm):
         dense_run(ctx, full=True)
 
     def provide(self, models: Any, name: str) -> None:
-        models.singles[name] = load_model(phases.dense_dir(models.run_dir)).eval()
+        lend_model(models, name, phases.dense_dir(models.run_dir))
 
     def derive(self, recipe: Any, run_dir: Path, name: str, earlier: dict[str, ArmRecord]) -> ArmRecord | None:
         folder = phases.dense_dir(run_dir)
@@ -129,7 +136,7 @@ class DenseMultipleArm(Arm):
                               progress=ctx.progress, procs=ctx.procs)
 
     def provide(self, models: Any, name: str) -> None:
-        models.singles[name] = load_model(models.run_dir / name).eval()
+        lend_model(models, name, models.run_dir / name)
 
     def methods(self, recipe: Any, name: str) -> list[StudyMethod]:
         return [dense_multiple_method(dense_multiples(recipe)[name])]
