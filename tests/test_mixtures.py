@@ -68,7 +68,8 @@ def test_demix_row_is_finite_and_compute_matched(llama_study):
     # Each token passes through one MLP: the FLOPs are the dense run's.
     assert abs(row["train_flops"] - dense["train_flops"]) / dense["train_flops"] < 0.01
     arms = results["budget"]["arms"]
-    assert arms["demix"] == {"tokens": arms["dense"]["tokens"], "flops": arms["dense"]["flops"]}
+    assert (arms["demix"]["tokens"], arms["demix"]["flops"]) == (arms["dense"]["tokens"], arms["dense"]["flops"])
+    assert arms["demix"]["compute_matched"] is True and arms["demix"]["params_at_inference"] == row["inference_params"]
     # Parameters at inference: the dense model's plus one more llama MLP (3*H*I) per layer per extra domain.
     model, domains = load_demix(out / "demix")
     cfg = model.config

@@ -86,3 +86,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate recipe data (e.g. a run folder's recipe.yaml)."""
     return check_choices(config.recipe_from_dict(data, source, recipe_type()), source)
+
+
+def study_recipe(recipe: Recipe) -> Recipe:
+    """`recipe` with its `arms:` section typed (a `config.Recipe` built below the study is validated again)."""
+    return recipe if isinstance(recipe, StudyRecipe) else recipe_from_dict(recipe.model_dump(mode="json"))

@@ -40,6 +40,7 @@ from elmforest.errors import ElmError
 from elmforest.combine.forest import read_json
 from elmforest.study import arms
 from elmforest.study.arms.base import StageContext
+from elmforest.study.recipe import study_recipe
 from elmforest.study.report import results_table, write_report
 from elmforest.study.run_folder import claim_run_dir
 from elmforest.data.tokens import token_array
@@ -51,7 +52,7 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     One process at a time per run folder: a second `elmforest run` on the same folder is refused."""
     from filelock import FileLock, Timeout
 
-    out = Path(out)
+    out, recipe = Path(out), study_recipe(recipe)
     if distributed.env_size() > 1:
         raise ElmError("elmforest run starts its own processes (launcher.procs_per_job); run it without torchrun")
     corpus = Corpus(recipe.corpus)

@@ -104,7 +104,3 @@ class Arm:
     def notes(self, record: ArmRecord, run_dir: Path, records: dict[str, ArmRecord]) -> list[str]:
         """Sentences for results.json's notes (and the report)."""
         return []
-
-    def help(self) -> str:
-        """One line for the docs: the first line of its docstring."""
-        return (type(self).__doc__ or "").strip().splitlines()[0] if type(self).__doc__ else self.name
