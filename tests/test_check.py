@@ -125,8 +125,10 @@ def test_demix_run_json_params_must_be_the_models(runs, tmp_path, capsys):
     h = config["n_embd"]
     assert recorded == sum(t.numel() for t in seed.values()) + config["n_layer"] * (8 * h * h + 5 * h)
     edit_json(run / "demix" / "demix_run.json", lambda d: d.update(params=recorded + 1))
-    assert problems(run, capsys) == (
-        2, [f"demix/demix_run.json: params {recorded + 1} differs from the {recorded} of a DEMix model of 2 domains"])
+    assert problems(run, capsys) == (2, [
+        f"demix/demix_run.json: params {recorded + 1} differs from the {recorded} of a DEMix model of 2 domains",
+        f"demix/arm.json: field 'params_at_inference' is {recorded}, but the arm's own files say {recorded + 1}",
+    ])
 
 
 def test_btx_folder_rules(runs, tmp_path, capsys):

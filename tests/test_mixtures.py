@@ -71,7 +71,8 @@ def test_demix_row_is_finite_and_compute_matched(llama_study):
     # Each token passes through one MLP: the FLOPs are the dense run's.
     assert abs(row["train_flops"] - dense["train_flops"]) / dense["train_flops"] < 0.01
     arms = results["budget"]["arms"]
-    assert arms["demix"] == {"tokens": arms["dense"]["tokens"], "flops": arms["dense"]["flops"]}
+    assert (arms["demix"]["tokens"], arms["demix"]["flops"]) == (arms["dense"]["tokens"], arms["dense"]["flops"])
+    assert arms["demix"]["compute_matched"] is True and arms["demix"]["params_at_inference"] == row["inference_params"]
     # Parameters at inference: the dense model's plus one more llama MLP (3*H*I) per layer per extra domain.
     model, domains = load_demix(out / "demix")
     cfg = model.config
@@ -161,10 +162,9 @@ def test_btx_arm_rebuilds_when_asked_to_fine_tune_every_parameter(llama_study, t
     before = load_file(str(run / "btx" / "model.safetensors"))
     router_only = json.loads((run / "btx" / "mix.json").read_text())
     written = (run / "btx" / "model.safetensors").stat().st_mtime_ns
-    assert build_btx(recipe, run, log=lambda s: None) == router_only  # same settings: reused ...
+    assert build_btx(recipe, run, recipe.arms.btx_tokens, log=lambda s: None) == router_only  # same settings: reused ...
     assert (run / "btx" / "model.safetensors").stat().st_mtime_ns == written  # ... not rebuilt
-    arms = recipe.arms.model_copy(update={"btx_train_all": True})
-    meta = build_btx(recipe.model_copy(update={"arms": arms}), run, log=lambda s: None)
+    meta = build_btx(recipe, run, recipe.arms.btx_tokens, train_all=True, log=lambda s: None)
     assert meta["finetune"]["train_all"] is True and meta["finetune"]["tokens"] == router_only["finetune"]["tokens"]
     # backward through every weight: more FLOPs than router-only for the same tokens (3 vs 2 passes)
     assert meta["finetune"]["flops"] == pytest.approx(router_only["finetune"]["flops"] * 3 / 2)

@@ -12,7 +12,8 @@ import torch
 from elmforest.study.recipe import recipe_from_dict
 from elmforest.combine.ensemble import POSTERIORS, Ensemble, Mixing, posterior_log_weights
 from elmforest.errors import ElmError
-from elmforest.study.methods import STUDY_METHODS, Sizes, method_names_help, study_methods
+from elmforest.study.arms import study_methods
+from elmforest.study.methods import STUDY_METHODS, Sizes, method_names_help
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -64,7 +65,7 @@ def test_recipes_validate_the_posterior_against_the_registry(tmp_path):
 def test_study_method_contract(name):
     m = STUDY_METHODS[name]
     assert m.name == name and m.arm and m.help and callable(m.score)
-    sizes = Sizes(model=1000, n_experts=6, demix=5000, btx=7000, anchored=8000)
+    sizes = Sizes(model=1000, n_experts=6, arms={"demix": 5000, "btx": 7000, "anchored": 8000, "anchored_router_tuned": 8000})
     params = m.params(sizes)
     assert isinstance(params, int) and params >= 1000
     if name.startswith("btm_ensemble") and "top" not in name and "tuned" not in name:

@@ -37,7 +37,7 @@ def test_results_have_every_method_and_domain(study):
     _, out = study
     results = json.loads((out / "results.json").read_text())
     from elmforest.study.recipe import load_recipe
-    from elmforest.study.methods import study_methods
+    from elmforest.study.arms import study_methods
 
     enabled = [m.name for m in study_methods(load_recipe(out / "recipe.yaml"))]
     assert set(METHODS) <= set(enabled) and all(m in results for m in enabled)  # every enabled method is a row

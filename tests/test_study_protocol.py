@@ -237,6 +237,7 @@ def test_a_method_missing_from_the_cache_is_rescored_and_an_unscorable_one_is_na
     assert json.loads(path.read_text())["nll"]["btm_average_posterior"] == pytest.approx(value, abs=1e-7)
 
     from elmforest.errors import ElmError
+    from elmforest.study.arms import provide_models, study_methods
     from elmforest.study.results import evaluate_study
 
     copy = tmp_path / "run"
@@ -244,7 +245,7 @@ def test_a_method_missing_from_the_cache_is_rescored_and_an_unscorable_one_is_na
     shutil.rmtree(copy / "eval")
     shutil.rmtree(copy / "dense_x2")
     with pytest.raises(ElmError, match="dense_x2.*animals"):
-        evaluate_study(recipe, copy, copy / "tokenizer", 32, log=lambda _: None)
+        evaluate_study(recipe, copy, copy / "tokenizer", 32, study_methods(recipe), provide_models(recipe), log=lambda _: None)
 
 
 def test_results_carry_intervals_and_verdicts(study):

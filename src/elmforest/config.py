@@ -137,59 +137,6 @@ class LauncherConfig(_Strict):
     )
 
 
-class ArmsConfig(_Strict):
-    """Which compute-matched arms `elmforest run` trains besides the seed and the BTM forest."""
-
-    dense: bool = True
-    random_split: bool = True
-    demix: bool = False
-    btx: bool = False
-    btx_tokens: int = Field(0, ge=0, description="Extra fine-tuning tokens for BTX (reported separately).")
-    btx_train_all: bool = Field(
-        False, description="BTX fine-tunes every parameter (the paper's MoE fine-tuning), not only the routers."
-    )
-    anchored: bool = Field(
-        False, description="FlexOlmo-style anchored experts merged into one opt-out mixture-of-experts (llama only)."
-    )
-    anchored_router_tokens: int = Field(
-        0, ge=0, description="Tokens of router tuning for the anchored mixture (0: none; reported separately)."
-    )
-    opt_out: list[str] = Field(
-        default_factory=list,
-        description="Train domains to opt out after training: the anchored mixture without that expert and the "
-        "BTM forest without it (`forget`), each domain's perplexity before and after.",
-    )
-    dense_multiples: list[float] = Field(
-        default_factory=list,
-        description="Compute multiples k > 1: dense LMs trained from scratch on k x the budget (each with its own "
-        "full schedule), to measure how much compute dense needs to match the forest (results.json compute_to_match).",
-    )
-
-    seed_fractions: list[float] = Field(
-        default_factory=list,
-        description="A seed-fraction sweep: extra BTM forests branched from snapshots of the same dense run at these "
-        "fractions of the budget (each compute-matched on its own); budget.seed_fraction is the main forest's.",
-    )
-
-    @field_validator("seed_fractions")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if any(not 0 < f < 1 for f in v):
-            raise ValueError("each seed fraction must lie strictly between 0 and 1")
-        if len(set(v)) != len(v):
-            raise ValueError("duplicate seed fraction")
-        return sorted(v)
-
-    @field_validator("dense_multiples")
-    @classmethod
-    def _multiples(cls, v: list[float]) -> list[float]:
-        if any(k <= 1 for k in v):
-            raise ValueError("each multiple must be > 1 (multiple 1 is the dense arm itself)")
-        if len(set(v)) != len(v):
-            raise ValueError("duplicate multiple")
-        return sorted(v)
-
-
 class LoggingConfig(_Strict):
     """Experiment trackers that follow every training live (elmforest.train.trackers): one tracker
     run per trained model, grouped under the study, and the study's final table and claims."""
@@ -242,7 +189,12 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
-    arms: ArmsConfig = Field(default_factory=ArmsConfig)
+    arms: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Which arms `elmforest run` trains: its keys come from the registry of arms "
+        "(elmforest.study.arms), which `elmforest.study.recipe` composes into this section; layers below "
+        "the study never read it.",
+    )
     rounds: list[RoundConfig] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     seeds: list[int] | None = Field(
@@ -282,11 +234,6 @@ class Recipe(_Strict):
             raise ValueError(
                 f"budget.batch_tokens={self.budget.batch_tokens} must divide evenly among {n} train domains"
             )
-        unknown = [d for d in self.arms.opt_out if d not in self.train_domains]
-        if unknown:
-            raise ValueError(f"arms.opt_out names {unknown[0]!r}, which is not a train domain")
-        if self.budget.seed_fraction in self.arms.seed_fractions:
-            raise ValueError(f"arms.seed_fractions repeats budget.seed_fraction={self.budget.seed_fraction} (the main forest)")
         if self.rounds:
             grown = [d for r in self.rounds for d in r.domains]
             if sorted(grown) != sorted(self.train_domains):
@@ -319,11 +266,14 @@ def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_fields
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply `--set` overrides to raw recipe data; each must name a key the recipe schema has."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str] | None, recipe_type: type[Recipe] | None = None
+) -> dict[str, Any]:
+    """Apply `--set` overrides to raw recipe data; each must name a key the recipe schema
+    (`recipe_type`, default `Recipe`) has."""
     for text in overrides or []:
         parts, value = parse_override(text)
-        schema: type[BaseModel] | None = Recipe
+        schema: type[BaseModel] | None = recipe_type or Recipe
         node = data
         for i, part in enumerate(parts):
             fields = _known_keys(schema) if schema is not None else {}
@@ -376,17 +326,18 @@ def resolve_paths(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; relative input paths resolve against the CWD."""
-    data = apply_overrides(read_yaml(path), overrides)
+def load_recipe(path: str | Path, overrides: list[str] | None = None, recipe_type: type[Recipe] | None = None) -> Recipe:
+    """Read, override and validate a recipe (as `recipe_type`, default `Recipe`: the study passes
+    its subclass whose `arms` section is typed); relative input paths resolve against the CWD."""
+    data = apply_overrides(read_yaml(path), overrides, recipe_type)
     try:
-        return resolve_paths(Recipe.model_validate(data))
+        return resolve_paths((recipe_type or Recipe).model_validate(data))
     except ValidationError as e:
         raise ElmError(_format_validation_error(e), path) from None
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", recipe_type: type[Recipe] | None = None) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        return (recipe_type or Recipe).model_validate(data)
     except ValidationError as e:
         raise ElmError(_format_validation_error(e), source) from None

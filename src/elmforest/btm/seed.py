@@ -197,9 +197,12 @@ def dense_data(recipe: Recipe, run_dir: Path) -> tuple[Path, int, Budget, Balanc
 
 
 @trackers.tracked
-def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_seed(
+    recipe: Recipe, run_dir: Path, *, full: bool = False, progress: bool = True, seed_fractions: list[float] = ()
+) -> dict[str, Any]:
     """Train the domain-balanced dense run to the seed step and snapshot RUN/seed; with `full`,
     continue the same run (same batches, same schedule) to the whole budget: the dense baseline.
+    `seed_fractions`: further snapshots on the way, RUN/sweep/seed<f>/seed (a seed-fraction sweep).
 
     Resumable: a killed run continues from RUN/dense's last checkpoint; finished parts are skipped.
     """
@@ -215,7 +218,7 @@ def train_seed(recipe: Recipe, run_dir: Path, *, full: bool = False, progress: b
     # the seed, and the extra seeds of a seed-fraction sweep, are snapshots of this one run, in step order
     snapshots = [(budget.seed_steps, seed_dir(run_dir), recipe.budget.seed_fraction)] + [
         (plan_budget(sweep_recipe(recipe, f), context).seed_steps, sweep_dir(run_dir, f) / "seed", f)
-        for f in recipe.arms.seed_fractions
+        for f in seed_fractions
     ]
     for steps, target, fraction in sorted(snapshots, key=lambda t: t[0]):
         if not (target / SEED_JSON).is_file():

@@ -15,7 +15,9 @@ the recipe validates; tokenizer/, seed/, dense/, demix/ (a DEMix model of the re
 domains, even mid-training), btx/ (a BTX model of forest/'s experts), forest/ (experts of train
 domains) and random_forest/ (experts random0..random<n-1>) by their rules; the tokenizer hash every
 part records equals tokenizer/'s; eval/*.json hold finite NLLs; plots/*.png are PNG images;
-results.json, timing.json, router.json, forget_<domain>.json and rounds/<r>/round.json parse. Other folders are checked by their kind.
+results.json, timing.json, router.json, forget_<domain>.json and rounds/<r>/round.json parse; every
+trained arm's arm.json (`elmforest.study.arms`) validates and agrees with its arm's own files.
+Other folders are checked by their kind.
 
 A folder in the middle of being written by a live or killed process is a valid state: a training
 run that has not checkpointed yet, an expert branched but not trained, an expert folder copied
@@ -173,6 +175,19 @@ def _forest_rules(c: Collector, path: Path, recipe: Any) -> None:
                 c.add(path / folder / "forest.json", f"experts[{i}] ({e.get('name')}, domain {e.get('domain')}) is not {what}")
 
 
+def check_arm_records(c: Collector, path: Path, recipe: Any) -> None:
+    """Every trained arm's RUN/<arm folder>/arm.json (the registry of arms) validates and agrees with
+    the figures in the arm's own files (tokens, FLOPs, parameters). A run folder written before
+    arm.json existed has none yet (the next `elmforest run` derives them): not a problem."""
+    from elmforest.study.arms import record_disagreements, record_path, trained_arms
+
+    for file, message in record_disagreements(recipe, path):
+        c.add(file, message)
+    for arm, name in trained_arms(recipe):
+        if arm.records and record_path(arm, path, name).is_file():
+            c.report.checked.append(f"arm {name} {record_path(arm, path, name)}")
+
+
 def check_run(c: Collector, path: Path) -> None:
     """The recipe validates; every part present validates by its role; the result files parse."""
     recipe = _recipe(c, path)
@@ -215,6 +230,8 @@ def check_run(c: Collector, path: Path) -> None:
         else:
             _check_tree(c, sub, depth=3)  # experts/<d>, random_experts/<r>, forget_<d>/forest, a/b/c/<folder>
     _forest_rules(c, path, recipe)
+    if recipe is not None:
+        check_arm_records(c, path, recipe)
     own = found.get("tokenizer")
     for rel in ("seed/seed.json", "dense/dense.json", "forest/forest.json", "random_forest/forest.json", "btx/mix.json"):
         recorded = _quiet_json(path / rel).get("tokenizer_hash")

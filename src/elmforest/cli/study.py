@@ -15,7 +15,7 @@ def run(
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set budget.total_tokens=1e6 (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
 ) -> None:
-    """Run the compute-matched BTM study: seed, dense, BTM forest, random-split forest, evaluation and report. Rerunning the same command continues an interrupted run and skips finished stages."""
+    """Run the compute-matched BTM study: seed, then every arm the recipe's `arms:` turns on (dense, BTM forest, random-split forest, DEMix, BTX, ...: the registry elmforest.study.arms), each recording RUN/<arm>/arm.json, then evaluation and report. Rerunning the same command continues an interrupted run and skips finished stages."""
     from elmforest.checks.check import check_recipe
     from elmforest.study.run import run_study
 

@@ -56,7 +56,7 @@ def seed(
         claim_run_dir(r, run_dir)
         if procs > 1:
             prepare_tokenizer(r, run_dir)  # once, before the ranks start
-    result = distributed.run_procs(train_seed, r, run_dir, full=full, procs=procs)
+    result = distributed.run_procs(train_seed, r, run_dir, full=full, seed_fractions=list(r.arms.seed_fractions), procs=procs)
     if distributed.env_rank() == 0:
         print(f"seed: {run_dir / 'seed'}" + (f"; dense: {run_dir / 'dense'}" if full else ""))
         if result:

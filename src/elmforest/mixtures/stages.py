@@ -87,24 +87,6 @@ def model_family(recipe: Recipe) -> str:
     return SIZES.get(recipe.model.size or "", {}).get("family", "gpt2")
 
 
-def check_arms(recipe: Recipe, source: str = "recipe") -> None:
-    """Refuse, before anything trains, an arm the architecture cannot run."""
-    family = model_family(recipe)
-    if recipe.arms.anchored and family != "llama":
-        raise ElmError(
-            f"arms.anchored needs llama-family experts, but the model family is {family!r}; set model.family: llama",
-            source,
-        )
-    if recipe.arms.anchored_router_tokens and not recipe.arms.anchored:
-        raise ElmError("arms.anchored_router_tokens tunes the anchored mixture's router: set arms.anchored: true", source)
-    if recipe.arms.btx and family != "llama":
-        raise ElmError(
-            f"arms.btx needs llama-family experts, but the model family is {family!r}; "
-            "set model.family: llama (a GPT-2 MLP has no Mixtral counterpart)",
-            source,
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # DEMix
 
@@ -427,19 +409,20 @@ def btx_dir(run_dir: Path) -> Path:
 
 
 @trackers.tracked
-def build_btx(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_btx(
+    recipe: Recipe, run_dir: Path, finetune_tokens: int, train_all: bool = False, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """The study's BTX arm: RUN/forest mixed (uniform weights, top-2) into RUN/btx, routers (every
-    parameter with `arms.btx_train_all`) fine-tuned for `arms.btx_tokens` tokens at the recipe's
-    batch and peak lr. Skipped when done from the same request (`mix.json` records it; rebuilt when
-    e.g. `btx_tokens` or `btx_train_all` changed); an interrupted fine-tune continues from its last
-    checkpoint."""
+    parameter with `train_all`) fine-tuned for `finetune_tokens` tokens at the recipe's batch and
+    peak lr. Skipped when done from the same request (`mix.json` records it; rebuilt when e.g. the
+    tokens or `train_all` changed); an interrupted fine-tune continues from its last checkpoint."""
     run_dir = Path(run_dir)
     out = btx_dir(run_dir)
     forest = Forest(run_dir / "forest")
     options = dict(
         top_k=min(2, len(forest.names)),
-        finetune_tokens=recipe.arms.btx_tokens,
-        train_all=recipe.arms.btx_train_all,
+        finetune_tokens=finetune_tokens,
+        train_all=train_all,
         corpus=recipe.corpus,
         lr=recipe.optim.lr,
         batch_tokens=recipe.budget.batch_tokens,

@@ -8,9 +8,11 @@ re-weighted by every ensemble variant, cached priors, tuned mixing, averaged mod
     score(ev) -> log p(x_t | x_<t) of every test window, float32 [N, T]
 
 Adding a method is one function and one `register(...)` call here (e.g. a top-3 ensemble:
-`register(StudyMethod("btm_ensemble_cached_top3", "btm", ..., score=_top_k(3), ...))`); the
-evaluation scores every enabled method, results.json lists every one, and a method missing from
-a cached evaluation is re-scored, never dropped.
+`register(StudyMethod("btm_ensemble_cached_top3", "btm", ..., score=_top_k(3), ...))`); a recipe
+lists it when it trains the method's arm (`elmforest.study.arms.study_methods`, which also adds
+the methods of arm families such as dense_x<k>), the evaluation scores every listed method,
+results.json lists every one, and a method missing from a cached evaluation is re-scored, never
+dropped.
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ class Sizes:
 
     model: int  # one dense model / expert
     n_experts: int
-    demix: int | None = None
-    btx: int | None = None
-    anchored: int | None = None
+    arms: dict[str, int] = field(default_factory=dict)  # each trained arm's parameters at inference (its arm.json)
     extra: dict[str, int] = field(default_factory=dict)  # e.g. {"btm_ensemble_tuned": members}
 
 
@@ -47,12 +47,14 @@ class StudyMethod:
 
     name: str
     arm: str
-    """The trained arm it needs (a key of results.json budget.arms: seed, dense, btm, random, ...)."""
+    """The trained arm it needs and is listed under (an arm of `elmforest.study.arms`, a key of
+    results.json budget.arms: seed, dense, btm, random, ...); it is scored when the recipe trains that arm."""
     help: str
     score: Score
     params: Callable[[Sizes], int | None]
     """Parameters that run at inference (per token, summed over the models that run)."""
     enabled: Callable[[Recipe], bool] = lambda recipe: True
+    """Whether a recipe that trains its arm lists it (e.g. a posterior variant only when it is not the recipe's)."""
     valid: Callable[[Any], float] | None = None
     """Its mean NLL on the domain's validation windows, for choosing settings without test data."""
 
@@ -128,7 +130,7 @@ def _top_k_enabled(k: int) -> Callable[[Recipe], bool]:
 register(StudyMethod("seed", "seed", "the seed: the dense run at the seed step", _single("seed"), lambda s: s.model))
 register(StudyMethod(
     "dense", "dense", "the compute-matched dense LM (the seed run continued to the full budget)",
-    _single("dense"), lambda s: s.model, enabled=lambda r: r.arms.dense,
+    _single("dense"), lambda s: s.model,
 ))
 register(StudyMethod(
     "btm_ensemble_uniform", "btm", "the forest's experts mixed with fixed 1/n weights",
@@ -167,27 +169,26 @@ register(StudyMethod(
 ))
 register(StudyMethod(
     "random_ensemble_cached", "random", "a forest trained on random (domain-balanced) splits, cached-prior ensemble",
-    _cached("random"), _n_experts_running(), enabled=lambda r: r.arms.random_split,
+    _cached("random"), _n_experts_running(),
 ))
 register(StudyMethod(
     "demix_cached", "demix", "DEMix: one MLP per domain inside one model, mixed with its cached prior",
-    lambda ev: ev.demix_lp(), lambda s: s.demix, enabled=lambda r: r.arms.demix,
+    lambda ev: ev.demix_lp(), lambda s: s.arms.get("demix"),
 ))
 register(StudyMethod(
     "btx", "btx", "BTX: the forest's MLPs as one Mixtral mixture-of-experts, its routers (or, with arms.btx_train_all, every parameter) fine-tuned",
-    _single("btx"), lambda s: s.btx, enabled=lambda r: r.arms.btx,
+    _single("btx"), lambda s: s.arms.get("btx"),
 ))
 
 register(StudyMethod(
     "anchored_moe", "anchored", "FlexOlmo-style: anchored experts (a trained FFN copy beside the frozen seed's) merged "
     "into one opt-out mixture-of-experts, router rows from training, no joint training",
-    _single("anchored_moe"), lambda s: s.anchored, enabled=lambda r: r.arms.anchored,
+    _single("anchored_moe"), lambda s: s.arms.get("anchored"),
 ))
 register(StudyMethod(
     "anchored_moe_router_tuned", "anchored_router_tuned", "the anchored mixture with its router rows tuned on a "
     "small domain-balanced sample (arms.anchored_router_tokens extra tokens)",
-    _single("anchored_moe_router_tuned"), lambda s: s.anchored,
-    enabled=lambda r: r.arms.anchored and r.arms.anchored_router_tokens > 0,
+    _single("anchored_moe_router_tuned"), lambda s: s.arms.get("anchored_router_tuned"),
 ))
 
 # --- dense models at k times the compute (results.json "compute_to_match") -----------------------
@@ -213,20 +214,6 @@ def seed_fraction_method(fraction: float) -> StudyMethod:
         f"the cached-prior ensemble of a forest branched at {fraction:g} of the budget (compute-matched on its own)",
         _cached(arm), _n_experts_running(), valid=_valid_cached(arm),
     )
-
-
-def study_methods(recipe: Recipe) -> list[StudyMethod]:
-    """The methods a recipe's study scores, in registry order (dense multiples after dense, the
-    seed-fraction sweep after the cached ensemble)."""
-    out = []
-    for m in STUDY_METHODS.values():
-        if m.enabled(recipe):
-            out.append(m)
-            if m.name == "dense":
-                out += [dense_multiple_method(k) for k in recipe.arms.dense_multiples]
-            if m.name == "btm_ensemble_cached":
-                out += [seed_fraction_method(f) for f in recipe.arms.seed_fractions]
-    return out
 
 
 def method_names_help() -> str:

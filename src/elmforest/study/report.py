@@ -33,6 +33,14 @@ def _fmt_sci(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
+def _fmt_count(x: int | None) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
+def _fmt_bool(x: bool | None) -> str:
+    return "-" if x is None else "yes" if x else "no"
+
+
 def _fmt_ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{fmt_ppl(ci[0])}, {fmt_ppl(ci[1])}]"
 
@@ -220,6 +228,15 @@ def reading(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _arm_of(name: str, row: dict[str, Any]) -> str:
+    """The arm a results row belongs to (results.json written before rows named it: the method's name)."""
+    return row.get("arm") or name
+
+
+def _is_dense(arm: str) -> bool:
+    return arm == "dense" or arm.startswith("dense_x")
+
+
 def plot_test_compute(results: dict[str, Any], path: Path) -> bool:
     """Test perplexity (train and novel means) against training FLOPs: the dense models at every
     compute multiple as a line, the other methods as points. False when there is nothing to plot."""
@@ -229,19 +246,20 @@ def plot_test_compute(results: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = {k: v for k, v in method_rows(results).items() if v.get("train_flops")}
-    dense = sorted((v["train_flops"], k) for k, v in rows.items() if k == "dense" or k.startswith("dense_x"))
+    dense = sorted((v["train_flops"], k) for k, v in rows.items() if _is_dense(_arm_of(k, v)))
     if len(dense) < 2:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    others = {k: v for k, v in rows.items() if not _is_dense(_arm_of(k, v)) and _arm_of(k, v) != "seed"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.12 * len(others)))
     for ax, part in zip(axes, ("train", "novel")):
         xs = [f for f, _ in dense]
         ys = [rows[k][f"{part}_mean"] for _, k in dense]
         if None in ys:
             continue
         ax.plot(xs, ys, marker="o", color="black", label="dense at 1x, 1.5x, ... the compute")
-        for name in ("btm_ensemble_cached", "btm_ensemble_tuned", "btm_average_posterior", "demix_cached"):
-            if name in rows and rows[name].get(f"{part}_mean"):
-                ax.scatter([rows[name]["train_flops"]], [rows[name][f"{part}_mean"]], label=name, zorder=3)
+        for i, (name, r) in enumerate(others.items()):  # every other arm's methods, in the registry's order
+            if r.get(f"{part}_mean"):
+                ax.scatter([r["train_flops"]], [r[f"{part}_mean"]], label=name, zorder=3, marker="osD^v<>ph*"[i // 10 % 10])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training FLOPs")
@@ -266,9 +284,14 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
         parts += [
             "## Budget",
             "",
-            "| arm | tokens | training FLOPs |",
-            "|---|---|---|",
-            *[f"| {arm} | {b.get('tokens', 0):,} | {b.get('flops', 0):.3e} |" for arm, b in budget.get("arms", {}).items()],
+            "Every trained arm's budget record (RUN/<arm>/arm.json): training tokens and FLOPs, the seed's "
+            "included; tokens beyond the shared budget; parameters of every model it runs at inference.",
+            "",
+            "| arm | tokens | training FLOPs | extra tokens | params at inference | compute-matched |",
+            "|---|---|---|---|---|---|",
+            *[f"| {arm} | {b.get('tokens', 0):,} | {b.get('flops', 0):.3e} | {_fmt_count(b.get('extra_tokens'))} | "
+              f"{_fmt_count(b.get('params_at_inference'))} | {_fmt_bool(b.get('compute_matched'))} |"
+              for arm, b in budget.get("arms", {}).items()],
             "",
         ]
         if budget.get("notes"):

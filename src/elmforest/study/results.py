@@ -6,7 +6,8 @@ estimated on windows spread over the valid split the same way. Each expert's per
 on a domain's windows are computed once ([n, N, T]) and every ensemble variant (uniform, cached
 prior, top-k, either posterior, tuned mixing) is a re-weighting of those numbers, so the variants
 differ only in their weights, never in the tokens they score. The methods themselves live in the
-`methods.STUDY_METHODS` registry.
+`methods.STUDY_METHODS` registry; the arms that train the models (and which methods a recipe
+lists) in `elmforest.study.arms`, which the caller passes in.
 
 Per domain, RUN/eval/<domain>.json holds every method's mean NLL and its per-document NLL sums
 (the units the bootstrap resamples), the documents and tokens scored, and the priors used. An
@@ -23,21 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from elmforest.mixtures import stages as mixtures
-
 from elmforest import storage
 from elmforest.combine.averaging import average_state_dicts
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
-from elmforest.mixtures.demix import demix_cached_prior, demix_logprobs, load_demix
+from elmforest.mixtures.demix import demix_cached_prior, demix_logprobs
 from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.errors import ElmError
 from elmforest.combine.evaluate import EvalWindows, document_sums
-from elmforest.combine.forest import Forest, read_json
-from elmforest.study.methods import StudyMethod, study_methods
+from elmforest.combine.forest import read_json
+from elmforest.study.methods import StudyMethod
 from elmforest.combine.mixing import TunedMixing, tune_mixing
 from elmforest.combine.prior import cached_prior, ema_batches
-from elmforest.models.factory import load_model
 from elmforest.combine.scoring import prior_windows, split_windows
 from elmforest.data.tokens import token_array
 
@@ -66,44 +64,33 @@ def load_model_like(model: torch.nn.Module) -> torch.nn.Module:
     return type(model)(model.config)
 
 
-def forest_folders(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
-    """Every forest arm of a study and its folder: btm, random, and the seed-fraction sweep's."""
-    from elmforest.study.methods import seed_fraction_arm
-    from elmforest.btm.seed import sweep_dir
-
-    run_dir = Path(run_dir)
-    out = {"btm": run_dir / "forest", "random": run_dir / "random_forest"}
-    out.update({seed_fraction_arm(f): sweep_dir(run_dir, f) / "forest" for f in recipe.arms.seed_fractions})
-    return out
-
-
 class StudyModels:
-    """Every trained arm of one study run, loaded once (on the CPU) for scoring all domains."""
+    """Every trained arm of one study run, loaded once (on the CPU) for scoring all domains.
 
-    def __init__(self, recipe: Recipe, run_dir: Path, tokenizer_dir: Path, context: int, log: Callable[[str], None]):
+    `provide` (`elmforest.study.arms.provide_models`) lets each trained arm load what it lends the
+    evaluation into `singles` (one model per name: seed, dense, dense_x2, btx, ...), `forests`
+    ({arm: (expert names, experts)}: btm, random, btm_seed<f>) or `demix`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        tokenizer_dir: Path,
+        context: int,
+        methods: list[StudyMethod],
+        provide: Callable[["StudyModels"], None],
+        log: Callable[[str], None],
+    ):
         from elmforest.train.budget import resolve_device
 
         self.recipe, self.run_dir, self.tok, self.context, self.log = recipe, Path(run_dir), tokenizer_dir, context, log
         self.corpus = Corpus(recipe.corpus)
         self.device = resolve_device(recipe.optim.device)
-        self.methods = study_methods(recipe)
+        self.methods = methods
         self.singles: dict[str, torch.nn.Module] = {}
-        for m in self.methods:  # one-model methods whose folder is RUN/<arm> (seed, dense, dense_x2, ...)
-            if m.arm == m.name and (self.run_dir / m.arm / "model.safetensors").is_file():
-                self.singles[m.name] = load_model(self.run_dir / m.arm).eval()
         self.forests: dict[str, tuple[list[str], list[torch.nn.Module]]] = {}
-        for arm, folder in forest_folders(recipe, self.run_dir).items():
-            if (folder / "forest.json").is_file():
-                f = Forest(folder)
-                self.forests[arm] = (f.names, [load_model(f.expert_dir(n)).eval() for n in f.names])
-        self.demix = None
-        if recipe.arms.demix and (mixtures.demix_dir(self.run_dir) / mixtures.DEMIX_RUN_JSON).is_file():
-            self.demix = load_demix(mixtures.demix_dir(self.run_dir))
-        if recipe.arms.btx and (mixtures.btx_dir(self.run_dir) / mixtures.MIX_JSON).is_file():
-            self.singles["btx"] = load_model(mixtures.btx_dir(self.run_dir)).eval()  # a Mixtral folder
-        for name in ("anchored_moe", "anchored_moe_router_tuned"):  # Mixtral folders (anchored_moe.json last)
-            if recipe.arms.anchored and (self.run_dir / name / "anchored_moe.json").is_file():
-                self.singles[name] = load_model(self.run_dir / name).eval()
+        self.demix: Any = None
+        provide(self)
         self.uniform_average = averaged_model(self.forests["btm"][1], None) if "btm" in self.forests else None
         vocab = len(read_json(tokenizer_dir / "tokenizer.json", "tokenizer")["model"]["vocab"]) + 1
         self.train_arrays = [token_array(self.corpus, tokenizer_dir, d, "train") for d in recipe.train_domains]
@@ -241,12 +228,18 @@ def score_domain(models: StudyModels, domain: str, methods: list[StudyMethod], c
 
 
 def evaluate_study(
-    recipe: Recipe, run_dir: Path, tokenizer_dir: Path, context: int, log: Callable[[str], None] = print
+    recipe: Recipe,
+    run_dir: Path,
+    tokenizer_dir: Path,
+    context: int,
+    methods: list[StudyMethod],
+    provide: Callable[[StudyModels], None],
+    log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """Score every enabled method on every train and novel domain; per-domain results are cached on disk."""
+    """Score `methods` (`arms.study_methods`) on every train and novel domain with the models
+    `provide` (`arms.provide_models`) loads; per-domain results are cached on disk."""
     run_dir = Path(run_dir)
     cache = run_dir / "eval"
-    methods = study_methods(recipe)
     scores: dict[str, dict[str, Any]] = {}
     models: StudyModels | None = None
     for d in [*recipe.train_domains, *recipe.novel_domains]:
@@ -258,7 +251,7 @@ def evaluate_study(
             scores[d] = cached
             continue
         if models is None:
-            models = StudyModels(recipe, run_dir, tokenizer_dir, context, log)
+            models = StudyModels(recipe, run_dir, tokenizer_dir, context, methods, provide, log)
         missing = [m.name for m in methods if cached is not None and m.name not in cached["nll"]]
         log(f"evaluating {d}" + (f" (adding {', '.join(missing)})" if missing else ""))
         scores[d] = score_domain(models, d, methods, cached)

@@ -3,14 +3,19 @@
 Stages (each skipped when already complete, each resumable when interrupted):
 
     1. tokenizer and token caches      RUN/tokenizer, CORPUS/.cache/tokens
-    2. seed                            RUN/dense to the seed step, snapshot RUN/seed
-    3. dense baseline                  RUN/dense continued to the full budget
+    2-7. every arm the recipe trains   the registry of arms (`elmforest.study.arms`), in its order:
+       seed                            RUN/dense to the seed step, snapshot RUN/seed
+       dense baseline                  RUN/dense continued to the full budget
        dense at k x the compute        RUN/dense_x<k> (arms.dense_multiples), each from scratch
-    4. BTM forest                      RUN/experts/<domain> -> RUN/forest
-    5. random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
-    6. DEMix (arms.demix)              RUN/demix (see elmforest.mixtures.stages)
-    7. BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers (or all) fine-tuned
-    8. evaluation                      RUN/eval/<domain>.json
+       BTM forest                      RUN/experts/<domain> -> RUN/forest
+       seed-fraction forests           RUN/sweep/seed<f>/ (arms.seed_fractions)
+       random-split forest             RUN/random_experts/random<i> -> RUN/random_forest
+       DEMix (arms.demix)              RUN/demix (see elmforest.mixtures.stages)
+       BTX (arms.btx, llama only)      RUN/forest mixed into RUN/btx, routers (or all) fine-tuned
+       anchored mixture (arms.anchored) RUN/anchored_experts/<d> -> RUN/anchored_moe (+ _router_tuned)
+       then each arm's budget record   RUN/<arm folder>/arm.json
+    8. evaluation                      RUN/eval/<domain>.json; then the arms that read it
+                                       (arms.opt_out: RUN/forget_<d>.json, ...)
     9. report                          RUN/results.json, RUN/report.md, RUN/plots/
 
 With several training seeds (recipe `seeds: [0, 1, 2]`), RUN/seed-<s>/ holds each seed's run of
@@ -27,67 +32,19 @@ from typing import Any
 
 from elmforest.train.budget import Budget, check_data_parallel, plan_budget
 from elmforest.train import distributed
-from elmforest.mixtures import stages as mixtures
-from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
-from elmforest.btm.seed import model_context, prepare_tokenizer, seed_dir, sweep_dir, sweep_recipe, train_dense_multiple, train_seed
 from elmforest import storage
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
 from elmforest.errors import ElmError
-from elmforest.combine.forest import Forest, read_expert, read_json
+from elmforest.btm.seed import model_context, prepare_tokenizer
+from elmforest.combine.forest import read_json
+from elmforest.study import arms
+from elmforest.study.arms.base import StageContext
+from elmforest.study.recipe import study_recipe
 from elmforest.study.report import results_table, write_report
 from elmforest.study.run_folder import claim_run_dir
 from elmforest.study.tracking import report_results
 from elmforest.data.tokens import token_array
-
-
-def _train_forest(
-    recipe: Recipe,
-    out: Path,
-    arm: str,
-    jobs: list[tuple[str, dict[str, Any]]],
-    log: Callable[[str], None],
-    home: Path | None = None,
-) -> Forest:
-    """Branch every expert from the seed (in `home`, default the run folder: home/seed), train them
-    with the recipe's launcher, merge them into a forest."""
-    home = Path(home) if home is not None else out
-    experts_dir = home / ("random_experts" if arm == "random" else "experts")
-    forest_dir = home / ("random_forest" if arm == "random" else "forest")
-    seed = home / "seed" if home != out else seed_dir(out)
-    paths = []
-    for name, data in jobs:
-        job = expert_job(recipe, out, name, data, seed_from=seed)
-        paths.append(branch_expert(experts_dir / name, job, from_seed=seed))
-    train_pending(recipe, paths, log)
-    meta = read_expert(paths[0])
-    forest = Forest.create(forest_dir, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
-    for p in paths:
-        merge_once(forest, p)
-    return forest
-
-
-def _anchored_arm(recipe: Recipe, out: Path, log: Callable[[str], None]) -> None:
-    """The anchored experts, their merged mixture, and (arms.anchored_router_tokens) its tuned router."""
-    from elmforest.mixtures import anchored, anchored_moe
-
-    anchored.train_anchored_experts(recipe, out, log)
-    anchored_moe.build_anchored_moe(recipe, out, log)
-    if recipe.arms.anchored_router_tokens:
-        anchored_moe.tune_router(recipe, out, recipe.arms.anchored_router_tokens, log)
-
-
-def _opt_out(recipe: Recipe, out: Path, domain: str, log: Callable[[str], None]) -> None:
-    """`domain` removed from the BTM forest (forget) and, when trained, from the anchored mixture;
-    each writes its before/after table once (RUN/forget_<d>.json, RUN/anchored_moe_optout_<d>.json)."""
-    from elmforest.study.removal import removal_study
-
-    if not (out / f"forget_{domain}.json").is_file():
-        removal_study(recipe, out, domain, log=log)
-    if recipe.arms.anchored and not (out / f"anchored_moe_optout_{domain}.json").is_file():
-        from elmforest.mixtures.anchored_moe import opt_out_study
-
-        opt_out_study(recipe, out, domain, log=log)
 
 
 def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -96,12 +53,12 @@ def run_study(recipe: Recipe, out: Path, *, progress: bool = True, log: Callable
     One process at a time per run folder: a second `elmforest run` on the same folder is refused."""
     from filelock import FileLock, Timeout
 
-    out = Path(out)
+    out, recipe = Path(out), study_recipe(recipe)
     if distributed.env_size() > 1:
         raise ElmError("elmforest run starts its own processes (launcher.procs_per_job); run it without torchrun")
     corpus = Corpus(recipe.corpus)
     corpus.require([*recipe.train_domains, *recipe.novel_domains], "recipe")
-    mixtures.check_arms(recipe)
+    arms.preflight(recipe)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / ".run.lock"), timeout=0)
     try:
@@ -121,7 +78,7 @@ def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
     data = recipe.model_dump(mode="json")
     data["optim"]["seed"] = seed
     data["seeds"] = None
-    return Recipe.model_validate(data)
+    return type(recipe).model_validate(data)
 
 
 def _run_locked(recipe: Recipe, out: Path, corpus: Corpus, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -201,46 +158,24 @@ def _train_and_score(
     )
     procs = recipe.launcher.procs_per_job  # processes per model: data-parallel seed, dense and DEMix too
     check_data_parallel(budget, procs)
-    log("[2/9] seed (dense, domain-balanced)")
-    stage("seed", lambda: distributed.run_procs(train_seed, recipe, out, full=False, progress=progress, procs=procs))
-    if recipe.arms.dense:
-        log("[3/9] dense baseline (the seed run continued to the full budget)")
-        stage("dense", lambda: distributed.run_procs(train_seed, recipe, out, full=True, progress=progress, procs=procs))
-        for k in recipe.arms.dense_multiples:
-            log(f"[3/9] dense at {k:g} x the compute, from scratch with its own schedule")
-            stage(f"dense_x{k:g}", lambda k=k: distributed.run_procs(
-                train_dense_multiple, recipe, out, k, progress=progress, procs=procs))
-    log("[4/9] BTM forest: one expert per train domain")
-    domain_jobs = [(d, {"kind": "domain", "domain": d}) for d in recipe.train_domains]
-    stage("btm_forest", lambda: _train_forest(recipe, out, "btm", domain_jobs, log))
-    for f in recipe.arms.seed_fractions:
-        log(f"[4/9] BTM forest branched at {f:g} of the budget (seed-fraction sweep)")
-        stage(f"btm_seed{f:g}", lambda f=f: _train_forest(sweep_recipe(recipe, f), out, "btm", domain_jobs, log,
-                                                          home=sweep_dir(out, f)))
-    if recipe.arms.random_split:
-        log("[5/9] random-split forest")
-        n = len(recipe.train_domains)
-        random_jobs = [
-            (f"random{i}", {"kind": "random_split", "domains": list(recipe.train_domains), "part": i, "parts": n,
-                            "mix": "balanced"})
-            for i in range(n)
-        ]
-        stage("random_forest", lambda: _train_forest(recipe, out, "random", random_jobs, log))
-    if recipe.arms.demix:
-        log("[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched")
-        stage("demix", lambda: distributed.run_procs(mixtures.train_demix, recipe, out, progress=progress, procs=procs))
-    if recipe.arms.btx:
-        log(f"[7/9] BTX: the forest mixed into one Mixtral MoE, {'every parameter' if recipe.arms.btx_train_all else 'routers'} fine-tuned on {recipe.arms.btx_tokens:,} tokens")
-        stage("btx", lambda: mixtures.build_btx(recipe, out, log=log))
-    if recipe.arms.anchored:
-        log("[7/9] anchored experts (FlexOlmo): FFN copies beside the frozen seed, merged into one opt-out mixture")
-        stage("anchored", lambda: _anchored_arm(recipe, out, log))
+    ctx = StageContext(recipe, out, corpus, tok, context, procs, progress, log)
+
+    def train(arm: arms.Arm, name: str) -> None:
+        message = arm.announce(recipe, name)
+        if message:
+            log(message)
+        stage(arm.stage(name), lambda: arm.train(ctx, name))
+
+    for arm, name in arms.trained_arms(recipe, after_evaluation=False):
+        train(arm, name)
+    arms.arm_records(recipe, out, refresh=True)  # every trained arm's arm.json, from its files as they are now
     log("[8/9] evaluation")
     from elmforest.study.results import evaluate_study
 
-    scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, log))
-    for d in recipe.arms.opt_out:
-        stage(f"opt_out_{d}", lambda d=d: _opt_out(recipe, out, d, log))
+    scores = stage("evaluation", lambda: evaluate_study(recipe, out, tok, context, arms.study_methods(recipe),
+                                                        arms.provide_models(recipe), log))
+    for arm, name in arms.trained_arms(recipe, after_evaluation=True):
+        train(arm, name)
     log("[9/9] report")
     return scores, budget, {**previous, **timing}
 

@@ -2,7 +2,7 @@
 how much compute a dense model needs to match the forest.
 
 Inputs are the per-domain evaluations (`results.evaluate_study`, one per training seed) and the
-run folders (training FLOPs and tokens of every arm). Perplexities are per domain; a part's mean
+run folders (every trained arm's budget record, `arms.arm_records`). Perplexities are per domain; a part's mean
 (train domains, novel domains) is the geometric mean over its domains; with several seeds every
 number is the geometric mean over seeds, and the intervals resample seeds as well as documents
 (`elmforest.combine.bootstrap`). Each claim in `CLAIMS` whose two methods ran becomes a row of
@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from elmforest.train.budget import Budget
-from elmforest.mixtures import stages as mixtures
-from elmforest.btm.seed import DENSE_MULTIPLE_JSON, dense_multiple_dir
 from elmforest.combine.bootstrap import Bootstrap, DomainDocs, compare, compute_to_match
 from elmforest.config import Recipe
 from elmforest.errors import ElmError
 from elmforest.combine.forest import Forest, read_json
-from elmforest.study.methods import Sizes, dense_multiple_name, study_methods
-from elmforest.study.results import forest_folders
+from elmforest.study.arms import ArmRecord, arm_records, study_methods, trained_arms
+from elmforest.study.arms.dense import dense_multiples
+from elmforest.study.arms.opt_out import opt_out_results
+from elmforest.study.methods import Sizes
 from elmforest.train.state import read_metrics
 
 # (a, b, claim): "a beats b", read on train and novel domains when both methods ran.
@@ -46,72 +46,12 @@ CLAIMS: list[tuple[str, str, str]] = [
 ]
 
 
-def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, float]], list[str], dict[str, int | None]]:
-    """Tokens and training FLOPs of every trained arm of one run folder -> (arms, notes, sizes).
-
-    sizes: parameters of the mixtures (demix, btx) at inference, from their metadata."""
-    seed = read_json(out / "seed" / "seed.json", "seed.json")
-    arms: dict[str, dict[str, float]] = {"seed": {"tokens": seed["tokens"], "flops": seed["flops"]}}
-    if recipe.arms.dense:
-        dense = read_json(out / "dense" / "dense.json", "dense.json")
-        arms["dense"] = {"tokens": dense["tokens"], "flops": dense["flops"]}
-        for k in recipe.arms.dense_multiples:
-            d = read_json(dense_multiple_dir(out, k) / DENSE_MULTIPLE_JSON, DENSE_MULTIPLE_JSON)
-            arms[dense_multiple_name(k)] = {"tokens": d["tokens"], "flops": d["flops"]}
-    for arm, folder in forest_folders(recipe, out).items():
-        if (folder / "forest.json").is_file():
-            f = Forest(folder)
-            # a forest's compute: its seed's (the snapshot it branched from) plus every expert's
-            branched = read_json(folder.parent / "seed" / "seed.json", "seed.json")  # RUN/seed, RUN/sweep/seed<f>/seed
-            arms[arm] = {
-                "tokens": branched["tokens"] + sum(f.expert_meta(n)["tokens"] for n in f.names),
-                "flops": branched["flops"] + sum(f.expert_meta(n)["flops"] for n in f.names),
-            }
-    notes: list[str] = []
-    sizes: dict[str, int | None] = {"demix": None, "btx": None, "anchored": None}
-    demix_run = mixtures.demix_dir(out) / mixtures.DEMIX_RUN_JSON
-    if recipe.arms.demix and demix_run.is_file():
-        d = read_json(demix_run, mixtures.DEMIX_RUN_JSON)
-        arms["demix"] = {"tokens": d["seed_tokens"] + d["tokens"], "flops": d["seed_flops"] + d["flops"]}
-        sizes["demix"] = d["params"]
-        notes.append(
-            "DEMix (`demix_cached`) counts its shared weights plus all n domain MLPs as parameters at inference: "
-            "the cached-prior mixture runs every domain's MLPs, after n single-domain passes for the posterior."
-        )
-    mix_json = mixtures.btx_dir(out) / mixtures.MIX_JSON
-    if recipe.arms.btx and mix_json.is_file() and "btm" in arms:
-        m = read_json(mix_json, mixtures.MIX_JSON)
-        ft = m["finetune"]
-        arms["btx"] = {"tokens": arms["btm"]["tokens"] + ft["tokens"], "flops": arms["btm"]["flops"] + ft["flops"]}
-        sizes["btx"] = m["params"]
-        notes.append(
-            f"BTX (`btx`) is not compute-matched: its training FLOPs are the BTM forest's ({arms['btm']['flops']:.3e}) "
-            f"plus {ft['flops']:.3e} for fine-tuning on {ft['tokens']:,} tokens (arms.btx_tokens; each token runs "
-            f"the top-{m['top_k']} MoE forward and backward). Its parameters at inference count every expert MLP "
-            f"and router; {m['top_k']} of {len(m['experts'])} MLPs run per token."
-        )
-    moe_json = out / "anchored_moe" / "anchored_moe.json"
-    if recipe.arms.anchored and moe_json.is_file():
-        m = read_json(moe_json, "anchored_moe.json")
-        arms["anchored"] = {"tokens": m["train"]["tokens"], "flops": m["train"]["flops"]}
-        sizes["anchored"] = m["params"]
-        ratio = m["train"]["flops"] / arms["btm"]["flops"] if "btm" in arms else None
-        notes.append(
-            f"The anchored mixture (`anchored_moe`) is not compute-matched: each anchored expert's forward runs the "
-            f"frozen seed FFN beside its trainable copy (and the backward flows through the frozen parts), so its "
-            f"training FLOPs are {m['train']['flops']:.3e}"
-            + (f", {ratio:.2f}x the BTM forest's" if ratio else "")
-            + f" (counted per token from the formula checked against FlopCounterMode). {m['top_k']} of "
-            f"{len(m['experts'])} FFN experts run per token; its parameters at inference count all of them."
-        )
-        tuned_json = out / "anchored_moe_router_tuned" / "anchored_moe.json"
-        if recipe.arms.anchored_router_tokens and tuned_json.is_file():
-            t = read_json(tuned_json, "anchored_moe.json")["router_tuning"]
-            arms["anchored_router_tuned"] = {"tokens": arms["anchored"]["tokens"] + t["tokens"],
-                                             "flops": arms["anchored"]["flops"] + t["flops"]}
-            notes.append(f"`anchored_moe_router_tuned` adds {t['tokens']:,} tokens ({t['flops']:.3e} FLOPs) of router "
-                         "tuning on a domain-balanced sample: only the router rows train.")
-    return arms, notes, sizes
+def arm_budgets(recipe: Recipe, out: Path) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, ArmRecord]]:
+    """Every trained arm's budget record of one run folder (`arms.arm_records`: RUN/<arm>/arm.json,
+    derived from the arm's own files the first time) -> (results.json budget.arms, notes, records)."""
+    records = arm_records(recipe, out)
+    notes = [n for arm, name in trained_arms(recipe) if name in records for n in arm.notes(records[name], out, records)]
+    return {name: r.budget() for name, r in records.items()}, notes, records
 
 
 def curves(out: Path, forest_dirs: list[Path]) -> dict[str, list[tuple[float, float]]]:
@@ -158,9 +98,6 @@ def assemble_results(
     timing: dict[str, float],
 ) -> dict[str, Any]:
     """results.json of a study over the training seeds `runs` ({seed: run folder}), from their evaluations."""
-    from elmforest.models.factory import load_model
-    from elmforest.models.factory import param_count
-
     seeds = list(runs)
     first = runs[seeds[0]]
     methods = [m.name for m in study_methods(recipe)]
@@ -169,21 +106,19 @@ def assemble_results(
     docs = {d: domain_docs(scores, d, [*methods, "unigram"]) for d in all_d}
     boot = Bootstrap(docs, {"train": train_d, "novel": novel_d}, recipe.eval.bootstrap_resamples, recipe.eval.window_seed)
 
-    arms, notes, mixture_sizes = arm_budgets(recipe, first)
+    arms, notes, records = arm_budgets(recipe, first)
     s0 = scores[seeds[0]]
     tuned_members = max((len(s0[d]["priors"].get("btm_tuned", {}).get("experts", {})) for d in all_d), default=0)
     sizes = Sizes(
-        model=param_count(load_model(first / "seed")),
+        model=records["seed"].params_at_inference,
         n_experts=len(train_d),
-        demix=mixture_sizes["demix"],
-        btx=mixture_sizes["btx"],
-        anchored=mixture_sizes["anchored"],
+        arms={name: r.params_at_inference for name, r in records.items()},
         extra={"btm_ensemble_tuned": tuned_members or len(train_d)},
     )
     results: dict[str, Any] = {}
     for m in study_methods(recipe):
         results[m.name] = _row(boot, m.name, train_d, novel_d)
-        results[m.name].update(train_flops=arms.get(m.arm, {}).get("flops"), inference_params=m.params(sizes))
+        results[m.name].update(train_flops=arms.get(m.arm, {}).get("flops"), inference_params=m.params(sizes), arm=m.arm)
         if m.valid is not None:  # validation perplexity: for choosing settings (e.g. the seed fraction) without test data
             for part, ds in (("train", train_d), ("novel", novel_d)):
                 vals = [statistics.fmean(scores[s][d]["valid_nll"][m.name] for s in seeds) for d in ds]
@@ -199,8 +134,9 @@ def assemble_results(
         if a in methods and b in methods:
             comparisons += compare(boot, a, b, claim)
     results["comparisons"] = comparisons
-    if recipe.arms.dense and recipe.arms.dense_multiples and "btm_ensemble_cached" in methods:
-        dense = {1.0: "dense", **{k: dense_multiple_name(k) for k in recipe.arms.dense_multiples}}
+    multiples = dense_multiples(recipe)
+    if multiples and "btm_ensemble_cached" in methods:
+        dense = {1.0: "dense", **{k: name for name, k in multiples.items()}}
         results["compute_to_match"] = {
             part: compute_to_match(boot, "btm_ensemble_cached", dense, part)
             for part in ("train", "novel")
@@ -229,10 +165,7 @@ def assemble_results(
         "prior_windows_per_domain": {d: s0[d]["valid_windows"] for d in all_d},
         "bootstrap_resamples": recipe.eval.bootstrap_resamples,
     }
-    opt_out = {}
-    for d in recipe.arms.opt_out:  # removing a domain after training: the first seed's run
-        rows = {"btm_ensemble_cached": first / f"forget_{d}.json", "anchored_moe": first / f"anchored_moe_optout_{d}.json"}
-        opt_out[d] = {m: read_json(f, f.name) for m, f in rows.items() if f.is_file()}
+    opt_out = opt_out_results(recipe, first)  # removing a domain after training: the first seed's run
     if opt_out:
         results["opt_out"] = opt_out
     results["seeds"] = seeds

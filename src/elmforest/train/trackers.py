@@ -8,7 +8,7 @@ an optional extra whose package is imported only when a run starts (`elmforest[t
     following  a context: while it is open, every metrics.jsonl line written in this process
                (`train.state.METRICS_OBSERVERS`) goes to one tracker run per training folder,
                started at the folder's first line and finished when the context closes
-    tracked    a decorator for functions whose first argument is a Recipe (`phases.train_seed`, ...)
+    tracked    a decorator for functions whose first argument is a Recipe (`btm.seed.train_seed`, ...)
     report     one tracker run holding a study's final table and claims
 
 Who is who, read from the disk alone (a worker process on another core or node finds the same):
