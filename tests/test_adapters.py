@@ -217,7 +217,7 @@ def _counted_adapter_flops(family: str, s: int) -> tuple[int, int]:
     # first projections and of every adapter matrix but their A's, adapter weight gradients 2N_a,
     # attention 8Lsd, the lm_head's input gradient 2dV (its weight is frozen)
     counter = 4 * n_mm + 6 * n_a - 2 * first - 2 * a0 + 12 * L * s * D + 4 * D * VOCAB
-    kaplan = 4 * (n - 0) + 6 * n_a + 6 * L * s * D - 2 * (first + a0)
+    kaplan = 4 * n + 6 * n_a + 6 * L * s * D - 2 * (first + a0)
     return counter, kaplan
 
 
