@@ -1,8 +1,11 @@
 """Adapter experts against full experts: training tokens/s, training memory and disk per expert.
 
-Two contenders train the same randomly initialised llama base (4 layers, width 256, 4 heads,
-context 128, vocabulary 4096; 4.2M parameters, tied embeddings) through the one loop
-(`elmforest.train.loop.train`) on the same synthetic token batches (8 x 128 tokens per step, fp32):
+Two contenders train the same randomly initialised llama base through the one loop
+(`elmforest.train.loop.train`) on the same synthetic token batches (fp32). `--size small` (the
+default): 4 layers, width 256, 4 heads, context 128, vocabulary 4096 (4.2M parameters, tied
+embeddings), 8 x 128 tokens per step, where activations dominate the memory; `--size wide`: 8 layers,
+width 512, 8 heads (26M parameters), 2 x 128 tokens per step, where weights, gradients and AdamW
+state do (as they do for a pretrained base):
 
     full   every tensor trains (a BTM expert): AdamW state for all parameters, every weight gradient
     lora   `models.adapters.attach` with the default AdapterConfig (r 16, alpha 32, the 7 attention
@@ -37,9 +40,16 @@ from pathlib import Path
 import record
 
 CONTENDERS = ("full", "lora")
+# name -> (layers, width, heads, context, vocab, rows per step): "small" is where activations dominate
+# memory, "wide" (25M parameters, 2 rows) where weights, gradients and AdamW state do.
+SIZES = {
+    "quick": (2, 64, 2, 32, 512, 4),
+    "small": (4, 256, 4, 128, 4096, 8),
+    "wide": (8, 512, 8, 128, 4096, 2),
+}
 
 
-def child(kind: str, out: Path, quick: bool, steps: int, warmup: int) -> None:
+def child(kind: str, out: Path, size: str, steps: int, warmup: int) -> None:
     """One training run in this process; prints a JSON line with its figures."""
     import torch
 
@@ -49,8 +59,8 @@ def child(kind: str, out: Path, quick: bool, steps: int, warmup: int) -> None:
     from elmforest.train.spec import TrainSpec
 
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1 if quick else 2)
-    layers, width, heads, context, vocab, rows = (2, 64, 2, 32, 512, 4) if quick else (4, 256, 4, 128, 4096, 8)
+    torch.set_num_threads(1 if size == "quick" else 2)
+    layers, width, heads, context, vocab, rows = SIZES[size]
     model = build_model(ModelSpec("llama", layers, width, heads, context, vocab), 0)
     if kind == "lora":
         model = attach(model, AdapterConfig(), seed=0)
@@ -106,19 +116,22 @@ def smollm2_shares() -> tuple[int, int]:
 def main() -> None:
     p = record.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 24; quick 4)")
+    p.add_argument("--size", choices=["small", "wide"], default="small", help="the base (module docstring)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse_suppress())
     p.add_argument("--out", help=argparse_suppress())
     a = p.parse_args()
     steps = a.steps or (4 if a.quick else 24)
     warmup = 1 if a.quick else 4
+    size = "quick" if a.quick else a.size
     if a.child:
-        child(a.child, Path(a.out), a.quick, steps, warmup)
+        child(a.child, Path(a.out), size, steps, warmup)
         return
     repeats = a.repeats or (1 if a.quick else 3)
 
     def run(kind: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, __file__, "--child", kind, "--out", tmp, "--steps", str(steps), *(["--quick"] if a.quick else [])]
+            cmd = [sys.executable, __file__, "--child", kind, "--out", tmp, "--steps", str(steps), "--size", a.size,
+                   *(["--quick"] if a.quick else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
             return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -147,10 +160,10 @@ def main() -> None:
         f"at SmolLM2-135M's shape the default adapter has {adapter:,} parameters against the base's {total:,}: "
         f"{adapter / total:.1%} of a full expert's weights on disk (counted, not saved).",
     ]
+    layers, width, heads, context, vocab, rows = SIZES[size]
     settings = (
-        ("llama 2 layers x 64, context 32, vocab 512, 4 x 32 tokens/step" if a.quick else
-         "llama 4 layers x 256, 4 heads, context 128, vocab 4096, 8 x 128 tokens/step")
-        + f", fp32, AdamW, {steps} steps per run (tokens/s median of the steps after {warmup}), {repeats} interleaved "
+        f"llama {layers} layers x {width}, {heads} heads, context {context}, vocab {vocab}, {rows} x {context} tokens/step"
+        f" (size {size})" + f", fp32, AdamW, {steps} steps per run (tokens/s median of the steps after {warmup}), {repeats} interleaved "
         f"repeats, each run its own process with {1 if a.quick else 2} torch threads"
     )
     record.emit("adapters", settings, table, notes, a.quick)

@@ -27,7 +27,6 @@ Each returns a model that scores windows (`combine.evaluate.token_logprobs`) or 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,7 +144,7 @@ def average_adapter_folders(
         for name in COPIED_FILES:
             if (base_dir / name).is_file():
                 storage.write_bytes(tmp / name, (base_dir / name).read_bytes())
-        storage.write_text(tmp / "average.json", json.dumps(record, indent=2) + "\n")
+        storage.write_json(tmp / "average.json", record)
     return out_dir
 
 
