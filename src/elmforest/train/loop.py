@@ -3,7 +3,8 @@ data-parallel over G processes.
 
 Every run in elmforest (the seed, the dense baseline, each expert, the random-split forest, DEMix)
 goes through `train`. A run folder holds `config.json` + `model.safetensors` (the model, loadable
-with `from_pretrained`), `train_state.pt` (everything needed to continue bit-identically),
+with `from_pretrained`; for an adapter model, a PeftModel on a frozen base, PEFT's
+`adapter_config.json` + `adapter_model.safetensors` instead), `train_state.pt` (everything needed to continue bit-identically),
 `metrics.jsonl` (one JSON line per logged step) and `train.json` (spec and status).
 
 Arithmetic of one step (nanoGPT's vocabulary):
@@ -64,7 +65,8 @@ from elmforest.train import distributed
 from elmforest.models import hardware
 
 from elmforest import storage
-from elmforest.models.checkpoint import WEIGHTS_NAME, stored_sha256
+from elmforest.models.adapters import adapter_flops_per_token, is_adapter_model
+from elmforest.models.checkpoint import stored_sha256
 from elmforest.train.distributed import World
 from elmforest.errors import ElmError
 from elmforest.models.factory import flops_per_token as dense_flops_per_token
@@ -77,6 +79,7 @@ from elmforest.train.state import (
     resume,
     save_checkpoint,
     truncate_metrics,
+    weights_file,
 )
 
 
@@ -210,7 +213,8 @@ def train(
     before every forward pass, and `valid_batches` are then (tokens, domain ids) pairs.
     `extra_loss` (BTX): a term added to every training micro-batch's cross-entropy (not logged,
     not in validation). `flops_per_token(block)`: the model's training FLOPs per token, counted in
-    metrics.jsonl and the result (default `models.flops_per_token(model.config, block)`, a dense model).
+    metrics.jsonl and the result (default `models.flops_per_token(model.config, block)`, a dense model,
+    or `models.adapters.adapter_flops_per_token` for a PeftModel: the base frozen, adapters trained).
     Inside a torch.distributed process group every rank calls this with the same arguments
     (see the module docstring); each gets the result.
 
@@ -258,7 +262,9 @@ def train(
     forward = ddp or model
     if spec.compile:
         forward = torch.compile(forward)
-    if flops_per_token is None:  # a dense model: ~6N + 6*L*block*d per token
+    if flops_per_token is None and is_adapter_model(model):  # frozen base: ~4N_b + 6N_a + 6*L*block*d
+        flops_per_token = functools.partial(adapter_flops_per_token, model)
+    elif flops_per_token is None:  # a dense model: ~6N + 6*L*block*d per token
         flops_per_token = functools.partial(dense_flops_per_token, model.config)
     flops_cache: dict[int, int] = {}  # block length -> training FLOPs per token
     extra_kwargs = {} if extra_loss is None else dict(extra_loss.forward_kwargs)
@@ -333,7 +339,7 @@ def train(
                 "step": p.step,
                 "target_step": target,
                 "spec": dataclasses.asdict(spec),
-                "weights_sha256": stored_sha256(out_dir / WEIGHTS_NAME),
+                "weights_sha256": stored_sha256(weights_file(out_dir, model)),
                 "result": result,
             },
         )

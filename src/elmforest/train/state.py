@@ -8,6 +8,11 @@ from and what it leaves behind.
 `resume` decides where a run starts (its checkpoint, a seed's optimizer state, or scratch) and
 `save_checkpoint` writes a consistent resume point (rank 0 alone; train_state.pt before
 model.safetensors, so a kill between them still leaves one).
+
+An adapter model (a PeftModel, `models.adapters`) trains on a frozen base that the caller rebuilds:
+its run folder holds PEFT's files (adapter_config.json, adapter_model.safetensors) instead of
+config.json + model.safetensors, and train_state.pt carries only the adapter's tensors
+(`weights_file`, `model_tensors`, `load_model_tensors`, `save_model_files` choose).
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ from elmforest.models.checkpoint import (
     weights_sha256,
     weights_state_dict,
 )
+from elmforest.models.adapters import (
+    ADAPTER_WEIGHTS_NAME,
+    adapter_state_dict,
+    is_adapter_model,
+    load_adapter_weights,
+    save_adapter,
+)
 from elmforest.train.distributed import World
 from elmforest.errors import ElmError
 
@@ -49,6 +61,29 @@ from elmforest.train.spec import Sampler, TrainSpec
 METRICS_NAME = "metrics.jsonl"
 TRAIN_JSON_NAME = "train.json"
 TRAIN_STATE_FORMAT = "elmforest-train-state/1"
+
+
+def weights_file(out_dir: Path, model: torch.nn.Module) -> Path:
+    """The run folder's weights: model.safetensors, or adapter_model.safetensors for an adapter model."""
+    return out_dir / (ADAPTER_WEIGHTS_NAME if is_adapter_model(model) else WEIGHTS_NAME)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of the model: every tensor, or only the adapter's (the base is frozen)."""
+    return adapter_state_dict(model) if is_adapter_model(model) else weights_state_dict(model)
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Put `model_tensors`' output back into `model` (an ElmError naming `source` on a mismatch)."""
+    if is_adapter_model(model):
+        load_adapter_weights(model, tensors, source)
+    else:
+        load_weights_into(model, tensors, source)
+
+
+def save_model_files(model: torch.nn.Module, out_dir: Path) -> str:
+    """The loadable copy in the run folder: a Hugging Face model folder, or PEFT's adapter files."""
+    return save_adapter(model, out_dir) if is_adapter_model(model) else save_weights(model, out_dir)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -103,12 +138,12 @@ def finished_result(out_dir: Path, target: int, model: torch.nn.Module) -> dict[
     info = read_train_json(out_dir / TRAIN_JSON_NAME)
     if not (info and info.get("status") in ("done", "stopped") and info.get("step") == target):
         return None
-    weights = out_dir / WEIGHTS_NAME
+    weights = weights_file(out_dir, model)
     recorded = info.get("weights_sha256")
     if not (out_dir / TRAIN_STATE_NAME).is_file() or (recorded and stored_sha256(weights) != recorded):
         return None
     verify_weights(weights)
-    load_weights_into(model, load_file(weights), weights)
+    load_model_tensors(model, load_file(weights), weights)
     return info["result"]
 
 
@@ -145,7 +180,7 @@ def resume(
             f"(--procs {ranks} or launcher.procs_per_job: {ranks}), not {where.size}",
             state_path,
         )
-    load_weights_into(model, state["model"], state_path)
+    load_model_tensors(model, state["model"], state_path)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
@@ -155,7 +190,7 @@ def resume(
     progress = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
     if where.is_main:
         print(f"continuing {out_dir} from the checkpoint at step {progress.step}", flush=True)
-    return progress, stored_sha256(out_dir / WEIGHTS_NAME) == weights_sha256(state["model"])
+    return progress, stored_sha256(weights_file(out_dir, model)) == weights_sha256(state["model"])
 
 
 def save_checkpoint(
@@ -183,14 +218,14 @@ def save_checkpoint(
             **fields,
             "seconds": seconds,
             "world_size": where.size,
-            "model": weights_state_dict(model),
+            "model": model_tensors(model),
             "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rngs[0],
             "rng_ranks": rngs,
         },
     )
-    save_weights(model, out_dir)
+    save_model_files(model, out_dir)
 
 
 # Called with (run folder, row) after each line of metrics.jsonl this process writes: the one hook
