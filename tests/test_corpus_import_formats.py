@@ -324,3 +324,16 @@ def test_a_missing_optional_package_is_one_line_saying_what_to_install(tmp_path,
     monkeypatch.setitem(sys.modules, missing, None)
     line = _error_line(capsys, [src], tmp_path / "out")
     assert line.startswith(f"{src}: reading ") and f"needs the {missing} package: pip install 'elmforest[data]'" in line
+
+
+def test_the_digest_set_finds_exact_duplicates_across_its_growth():
+    from elmforest.data.corpus import DigestSet
+
+    seen = DigestSet(slots=8)  # grows from 8 slots to 32768 on the way
+    texts = [f"document {i}" for i in range(10_000)]
+    assert [seen.add(t) for t in texts] == [True] * 10_000
+    assert seen.size == 10_000 and len(seen.table) == 32768  # kept at most half full
+    # every text again (in another order) is a duplicate; texts differing in one character are not
+    assert not any(seen.add(t) for t in reversed(texts))
+    assert all(seen.add(t + ".") for t in texts[:500])
+    assert seen.size == 10_500
