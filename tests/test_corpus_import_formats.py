@@ -337,3 +337,23 @@ def test_the_digest_set_finds_exact_duplicates_across_its_growth():
     assert not any(seen.add(t) for t in reversed(texts))
     assert all(seen.add(t + ".") for t in texts[:500])
     assert seen.size == 10_500
+
+
+def test_parquet_is_read_a_batch_at_a_time_not_a_row_group_at_once(tmp_path):
+    from elmforest.data.record_formats import RecordSource
+
+    rng = random.Random(1)
+    texts = [rng.randbytes(3000).hex() for _ in range(10_000)]  # 60 MB of text that snappy hardly compresses
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"text": texts, "other": list(range(10_000))}), path, row_group_size=10**6)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    size = path.stat().st_size
+    base, peak, n = pa.total_allocated_bytes(), 0, 0
+    for _path, n, row in RecordSource(path, "parquet", ["text"]):
+        assert row == {"text": texts[n - 1]}  # only the column asked for
+        if n % 256 == 0:
+            peak = max(peak, pa.total_allocated_bytes() - base)
+    assert n == 10_000
+    # pyarrow's defaults hold the whole column chunk (about the file's size) besides the batch;
+    # a 1024-row batch of 6000-byte texts is ~6 MB, and the buffered page reader adds ~2 batches
+    assert peak < size / 3, (peak, size)
