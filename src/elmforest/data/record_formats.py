@@ -165,7 +165,10 @@ class RecordSource:
     def _batches(self, path: Path) -> Iterator[Any]:
         if self.kind == "parquet":
             pq = _need("pyarrow.parquet", "pyarrow", path, "Parquet files")
-            yield from self._parquet(pq).iter_batches(batch_size=_BATCH_ROWS, columns=self._select())
+            # one thread: decoding columns in parallel holds more memory and gains nothing on the
+            # two or three columns an import reads, in a loop that Python bounds anyway
+            reader = self._parquet(pq)
+            yield from reader.iter_batches(batch_size=_BATCH_ROWS, columns=self._select(), use_threads=False)
             return
         with _open_arrow(path) as reader:
             if hasattr(reader, "num_record_batches"):  # file format: batches by index
