@@ -2,7 +2,7 @@
 the token cache's tokens/s against the `tokenizers` library's own `encode_batch`, same text, same run.
 
     python bench/import_stream.py                      # 1 GB of JSONL (and the same as Parquet) in the temp folder
-    python bench/import_stream.py --size-mb 200 --tokens-mb 16 --repeats 3
+    python bench/import_stream.py --size-mb 200 --tokens-mb 8 --repeats 3    # smaller
     python bench/import_stream.py --quick              # 8 MB, 1 repeat, print only (smoke test)
 
 Import rows (each a fresh child process reporting its own peak RSS, VmHWM, as it exits; RssAnon
@@ -197,7 +197,7 @@ def token_rows(work: Path, tok_jsonl: Path, tokenizer: Path | None, repeats: int
 def main() -> None:
     p = record.parser(__doc__.splitlines()[0])
     p.add_argument("--size-mb", type=float, default=1000, help="size of the JSONL to import, MB")
-    p.add_argument("--tokens-mb", type=float, default=32, help="MB of the same documents for the token rows")
+    p.add_argument("--tokens-mb", type=float, default=16, help="MB of the same documents for the token rows")
     p.add_argument("--work", type=Path, default=None,
                    help="scratch folder, removed at the end [default: a new folder in the system temp folder]")
     p.add_argument("--demo", type=Path, default=ROOT / "data" / "demo", help="demo corpus to draw documents from")

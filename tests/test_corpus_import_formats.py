@@ -357,3 +357,24 @@ def test_parquet_is_read_a_batch_at_a_time_not_a_row_group_at_once(tmp_path):
     # pyarrow's defaults hold the whole column chunk (about the file's size) besides the batch;
     # a 1024-row batch of 6000-byte texts is ~6 MB, and the buffered page reader adds ~2 batches
     assert peak < size / 3, (peak, size)
+
+
+def test_encoding_one_batch_ahead_keeps_every_document_in_order(monkeypatch):
+    """The token cache's encoder overlaps batches in a worker thread; the ids must come out
+    exactly as encoding each document alone gives them, in order, across batch boundaries."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import elmforest.data.tokens as tokens_mod
+
+    rng = random.Random(2)
+    texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "δέλτα", "x1", "\n"]) for _ in range(rng.randint(1, 40)))
+             for _ in range(11)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    monkeypatch.setattr(tokens_mod, "BATCH_DOCUMENTS", 3)  # batches of 3, 3, 3, 2
+    got = list(tokens_mod.encode_documents(SimpleNamespace(backend_tokenizer=tk), iter(texts)))
+    assert got == [tk.encode(t, add_special_tokens=False).ids for t in texts]
+    assert list(tokens_mod.encode_documents(SimpleNamespace(backend_tokenizer=tk), iter([]))) == []
