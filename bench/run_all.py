@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("train_throughput", "ensemble_cost", "averaging", "generation", "parallel", "adapters")
+SCRIPTS = ("train_throughput", "ensemble_cost", "averaging", "generation", "parallel", "adapters", "import_stream")
 
 
 def main() -> int:

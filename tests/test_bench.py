@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.md"
-SCRIPTS = ("train_throughput", "ensemble_cost", "averaging", "generation", "parallel", "adapters")
+SCRIPTS = ("train_throughput", "ensemble_cost", "averaging", "generation", "parallel", "adapters", "import_stream")
 
 
 def test_run_all_quick_prints_every_table_and_appends_nothing():

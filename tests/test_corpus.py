@@ -83,7 +83,7 @@ def test_skip_bad_lines_counts_and_reports_them(tmp_path, capsys):
     src = tmp_path / "mixed.jsonl"
     src.write_bytes(b"\n".join(MIXED_LINES) + b"\n")
 
-    [dom] = inspect_sources([src], text_field="body", skip_bad_lines=True)
+    [dom] = inspect_sources([src], text_field="body", skip_bad_lines=True).domains
     assert dom.usable == 3
     assert dict(dom.skipped) == {"blank": 3, "not UTF-8": 1, "bad JSON": 1, "missing field": 3}
 

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from elmforest.console import stdout_console
 from elmforest.data.corpus import SPLITS
-from elmforest.data.corpus_import import SKIP_REASONS, ImportedDomain, import_sources
+from elmforest.data.corpus_import import SKIP_REASONS, ImportPlan, import_sources
 from elmforest.data.demo_corpus import build_demo_corpus
 
 corpus_app = typer.Typer(
-    help="Build corpus folders: import your own JSONL / .txt data, or build the demo corpus.",
+    help="Build corpus folders: import your own data (JSONL, Parquet, Arrow, datasets, .txt), or build the demo corpus.",
     no_args_is_help=True,
 )
 
@@ -50,54 +50,70 @@ def manifest_table(manifest: dict[str, Any], title: str) -> Table:
     return table
 
 
-def skipped_table(manifest: dict[str, Any], domains: list[ImportedDomain]) -> Table | None:
-    """Per domain, how many lines (or .txt files) were skipped and why; None if nothing was."""
+def skipped_table(manifest: dict[str, Any], plan: ImportPlan) -> Table | None:
+    """Per domain, how many lines, records (or .txt files) were skipped and why, then per source
+    those skipped before their domain was known (--domain-field); None if nothing was skipped.
+    Only the reasons that occurred get a column; exact duplicates always do."""
     rows = []
-    for d in domains:
+    for d in plan.domains:
         kept = sum(manifest["domains"][d.name]["splits"][s]["documents"] for s in SPLITS)
-        counts = [d.skipped.get(r, 0) for r in SKIP_REASONS] + [d.usable - kept]  # + exact duplicates
-        if any(counts):
-            rows.append((d.name, str(d.path), *(f"{n:,}" for n in counts)))
+        counts = {**d.skipped, "duplicate": d.usable - kept}
+        if any(counts.values()):
+            rows.append((d.name, ", ".join(str(p) for p in d.sources), counts))
+    for path, skipped in plan.unassigned.items():
+        if any(skipped.values()):
+            rows.append(("(unknown)", str(path), dict(skipped)))
     if not rows:
         return None
-    table = Table(title="skipped (JSONL lines, or .txt files for folders)")
+    reasons = [r for r in SKIP_REASONS if any(row[2].get(r) for row in rows)] + ["duplicate"]
+    table = Table(title="skipped (JSONL lines, table records, or .txt files for folders)")
     table.add_column("domain")
     table.add_column("source", overflow="fold")
-    for col in (*SKIP_REASONS, "duplicate"):
+    for col in reasons:
         table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(*row)
+    for name, source, counts in rows:
+        table.add_row(name, source, *(f"{counts.get(r, 0):,}" for r in reasons))
     return table
 
 
 @corpus_app.command("import")
 def import_command(
     sources: list[Path] = typer.Argument(
-        ..., help="Sources, one domain each: a JSONL file (domain = file name without extension) "
-        "or a folder of .txt files, one document per file (domain = folder name).",
+        ..., help="Sources: JSONL files, plain or compressed (.jsonl, .jsonl.gz, .jsonl.zst), Parquet (.parquet) "
+        "or Arrow (.arrow) files, folders written by datasets' save_to_disk, folders of .txt files (one "
+        "document per file). Without --domain-field each source is one domain, named after the file "
+        "(without extensions) or folder.",
         show_default=False,
     ),
     out: Path = typer.Option(..., "--out", "-o", help="New corpus folder to create (must not exist or be empty)."),
-    text_field: str = typer.Option("text", "--text-field", help="JSON field holding the document text in JSONL sources."),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="Field holding the document text; dotted for nested records (meta.body)."),
+    domain_field: str = typer.Option(
+        None, "--domain-field", show_default=False,
+        help="Split the sources into domains by this field's value (dotted for nested records, e.g. "
+        "meta.pile_set_name); a record without it is a bad record. A domain may span several sources.",
+    ),
     novel: list[str] = typer.Option(
         [], "--novel", help="Mark this domain as novel (held out from expert training, for evaluation); repeatable."
     ),
     skip_bad_lines: bool = typer.Option(
         False, "--skip-bad-lines",
-        help="Skip lines that are not UTF-8, not JSON or lack a string text field (and non-UTF-8 .txt files), "
-        "count them and print the counts, instead of stopping at the first one.",
+        help="Skip lines/records that are not UTF-8, not JSON or lack a string text (or domain) field, and "
+        "non-UTF-8 .txt files; at corrupt compressed or table data keep what came before it; count them and "
+        "print the counts, instead of stopping at the first one.",
     ),
 ) -> None:
-    """Import JSONL files and folders of .txt files as the domains of a new corpus.
+    """Import JSONL, Parquet, Arrow or datasets sources and folders of .txt files as the domains of a new corpus.
 
-    Documents are de-duplicated within each domain and split by a hash of their text (~5% valid, ~5% test).
+    Documents are de-duplicated within each domain and split by a hash of their text (~5% valid, ~5% test). Sources are read streaming, twice: a validating pass, then the writing pass.
 
-    A line that is not UTF-8, not valid JSON, or has no string text field stops the import with exit status 2 and one line naming the file and line number; nothing is written. --skip-bad-lines skips and counts such lines instead and prints a table of the counts. Blank lines are always skipped.
+    A line or record that is not UTF-8, not valid JSON, lacks a string text field (or, with --domain-field, the domain field), or corrupt data in a compressed or table file stops the import with exit status 2 and one line naming the file and line or record number; nothing is written. --skip-bad-lines skips and counts such records instead and prints a table of the counts. Blank lines are always skipped. Parquet and Arrow need pyarrow, .zst needs zstandard: pip install 'elmforest\\[data]'.
     """
-    manifest, domains = import_sources(sources, out, text_field=text_field, novel=novel, skip_bad_lines=skip_bad_lines)
+    manifest, plan = import_sources(sources, out, text_field=text_field, novel=novel, skip_bad_lines=skip_bad_lines,
+                                    domain_field=domain_field)
     console = stdout_console()
     console.print(manifest_table(manifest, f"corpus {out}"))
-    skipped = skipped_table(manifest, domains)
+    skipped = skipped_table(manifest, plan)
     if skipped is not None:
         console.print(skipped)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,95 @@ class DomainSource:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def write_corpus(out: str | Path, domains: Iterable[DomainSource], description: str = "") -> dict[str, Any]:
+class DigestSet:
+    """A set of 64-bit document digests in an open-addressing table (`array` of uint64, linear
+    probing, kept at most half full): 16-32 bytes a document, where a Python set of digests
+    costs ~110, so de-duplicating a large import holds little memory. Two different documents
+    share a digest with probability ~n^2 / 2^64 (1e-5 for 14 million documents)."""
+
+    def __init__(self, slots: int = 1 << 12):
+        self.table = array("Q", bytes(8 * slots))  # 0 marks an empty slot
+        self.mask = slots - 1
+        self.size = 0
+
+    def add(self, text: str) -> bool:
+        """Add the document's digest; False if it was already there (an exact duplicate)."""
+        key = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") | 1
+        return self._insert(key)
+
+    def _insert(self, key: int) -> bool:
+        table, mask = self.table, self.mask
+        i = (key >> 1) & mask
+        while True:
+            slot = table[i]
+            if slot == 0:
+                break
+            if slot == key:
+                return False
+            i = (i + 1) & mask
+        table[i] = key
+        self.size += 1
+        if 2 * self.size > len(table):
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self.table
+        self.table = array("Q", bytes(16 * len(old)))
+        self.mask = len(self.table) - 1
+        self.size = 0
+        for key in old:
+            if key:
+                self._insert(key)
+
+
+class _DomainWriter:
+    """One domain's three split files: strips documents, drops blank ones and exact duplicates,
+    splits the rest by `split_of` and counts documents and bytes per split."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir()
+        self.seen = DigestSet()  # the documents written, to drop exact duplicates
+        self.stats = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
+        self.files = {s: open(folder / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+
+    def add(self, text: str) -> None:
+        text = text.strip()
+        if not text:
+            return
+        if not self.seen.add(text):
+            return
+        s = split_of(text)
+        self.files[s].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        self.stats[s]["documents"] += 1
+        self.stats[s]["bytes"] += len(text.encode("utf-8"))
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.seen = DigestSet()  # free the table
+
+
+def _require_documents(name: str, stats: dict[str, dict[str, int]]) -> None:
+    if sum(st["documents"] for st in stats.values()) == 0:
+        raise ElmError(f"domain {name!r} has no documents")
+
+
+def write_corpus(
+    out: str | Path,
+    domains: Iterable[DomainSource],
+    description: str = "",
+    records: Iterable[tuple[str, str]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write a corpus folder atomically (built in a temporary folder, renamed when complete).
 
     Documents are stripped, blank ones dropped and exact duplicates removed within a domain.
-    Returns the manifest.
+    Each domain's `documents` are read in turn, one domain's files open at a time. When
+    `records` is given, it replaces the domains' `documents`: (domain name, text) pairs in any
+    order, so that one pass over a source holding several domains feeds them all (every domain
+    listed in `domains` must receive a document; the domains' split files are open together).
+    `extra` adds top-level manifest fields. Returns the manifest.
     """
     out = Path(out)
     if (out / MANIFEST).exists():
@@ -73,38 +158,43 @@ def write_corpus(out: str | Path, domains: Iterable[DomainSource], description: 
         raise ElmError("output folder exists and is not empty", out)
     if out.exists():
         out.rmdir()
-    manifest: dict[str, Any] = {"format": "elmforest-corpus/1", "description": description, "domains": {}}
+    manifest: dict[str, Any] = {"format": "elmforest-corpus/1", "description": description, **(extra or {}),
+                                "domains": {}}
+    domains = list(domains)
+    stats: dict[str, dict[str, dict[str, int]]] = {}
     with storage.atomic_dir(out) as tmp:
         for dom in domains:
             check_domain_name(dom.name)
-            if dom.name in manifest["domains"]:
+            if dom.name in stats:
                 raise ElmError(f"duplicate domain {dom.name!r}")
-            (tmp / dom.name).mkdir()
-            seen: set[bytes] = set()
-            stats = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
-            files = {s: open(tmp / dom.name / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+            stats[dom.name] = {}
+        if records is None:
+            for dom in domains:
+                writer = _DomainWriter(tmp / dom.name)
+                try:
+                    for text in dom.documents:
+                        writer.add(text)
+                finally:
+                    writer.close()
+                stats[dom.name] = writer.stats
+                _require_documents(dom.name, writer.stats)  # before reading the next domain
+        else:
+            writers = {dom.name: _DomainWriter(tmp / dom.name) for dom in domains}
             try:
-                for text in dom.documents:
-                    text = text.strip()
-                    if not text:
-                        continue
-                    key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    s = split_of(text)
-                    files[s].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                    stats[s]["documents"] += 1
-                    stats[s]["bytes"] += len(text.encode("utf-8"))
+                for name, text in records:
+                    if name not in writers:
+                        raise ElmError(f"document for domain {name!r}, which is not one of the domains listed")
+                    writers[name].add(text)
             finally:
-                for f in files.values():
-                    f.close()
-            if sum(st["documents"] for st in stats.values()) == 0:
-                raise ElmError(f"domain {dom.name!r} has no documents")
+                for writer in writers.values():
+                    writer.close()
+            stats = {name: writer.stats for name, writer in writers.items()}
+        for dom in domains:
+            _require_documents(dom.name, stats[dom.name])
             manifest["domains"][dom.name] = {
                 "source": dom.source,
                 "licence": dom.licence,
-                "splits": stats,
+                "splits": stats[dom.name],
                 **dom.extra,
             }
         if not manifest["domains"]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +39,36 @@ def token_dtype(n_ids: int) -> np.dtype:
 
 
 def encode_documents(tokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
-    """Yield each document's ids (no special tokens added), encoding `BATCH_DOCUMENTS` at a time."""
+    """Yield each document's ids (no special tokens added), encoding `BATCH_DOCUMENTS` at a time.
+
+    One batch ahead is encoded in a worker thread (the Rust tokenizer releases the GIL), so
+    reading the next batch's texts and using the previous batch's ids overlap the encoding.
+    """
     backend = tokenizer.backend_tokenizer  # the Rust `tokenizers.Tokenizer` behind the HF wrapper
     # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets we do not need.
     encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    batch: list[str] = []
 
-    def flush() -> Iterator[list[int]]:
-        for enc in encode_batch(batch, add_special_tokens=False):
-            yield enc.ids
-        batch.clear()
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == BATCH_DOCUMENTS:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
-    for text in texts:
-        batch.append(text)
-        if len(batch) == BATCH_DOCUMENTS:
-            yield from flush()
-    if batch:
-        yield from flush()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = None
+        for batch in batches():
+            ahead = pool.submit(encode_batch, batch, add_special_tokens=False)
+            if pending is not None:
+                for enc in pending.result():
+                    yield enc.ids
+            pending = ahead
+        if pending is not None:
+            for enc in pending.result():
+                yield enc.ids
 
 
 def cache_paths(corpus: Corpus, tokenizer_hash_: str, domain: str, split: str) -> tuple[Path, Path]:
