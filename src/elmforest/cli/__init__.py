@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "combine",
     "average",
     "generate",
+    "harness",
     "study",
     "grow",
     "mix",
