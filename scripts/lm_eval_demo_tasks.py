@@ -3,8 +3,11 @@
     python scripts/lm_eval_demo_tasks.py data/demo lm_eval_tasks [--cloze-docs 10] [--text-docs 4]
     elmforest lm-eval runs/demo/forest --tasks demo_cloze,demo_text --include_path lm_eval_tasks
 
-demo_cloze (multiple_choice, acc / acc_norm): for --cloze-docs test documents per domain (drawn
-with a fixed seed from the whole split, documents of at least 16 words), the context is the
+demo_cloze (multiple_choice: acc, acc_norm, and acc_mutual_info, which ranks the choices by
+log p(choice | context) - log p(choice) and so asks which continuation the context predicts, not
+which span is likely on its own: the metric that separates small models here): for --cloze-docs
+test documents per domain (drawn with a fixed seed from the whole split, documents of at least
+16 words), the context is the
 document's first min(30, words - 8) words and the choices are its next 8 words against 8-word
 spans taken from test documents of 3 other domains: which continuation belongs to this text.
 demo_text (a group of loglikelihood_rolling tasks demo_text_<domain>: word_perplexity,
@@ -19,45 +22,8 @@ import json
 import random
 from pathlib import Path
 
+from elmforest.combine.harness import local_task_yaml
 from elmforest.data.corpus import Corpus
-
-CLOZE_YAML = """task: demo_cloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-TEXT_YAML = """task: demo_text_{domain}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-metadata:
-  version: 1.0
-"""
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -91,18 +57,21 @@ def main() -> None:
             for other in rng.sample([d for d in corpus.domains if d != domain], 3):
                 w = rng.choice(pool[other])
                 s = rng.randrange(0, len(w) - 8 + 1)
-                spans.append(" " + " ".join(w[s : s + 8]))
+                spans.append(" ".join(w[s : s + 8]))
             label = rng.randrange(4)
-            spans.insert(label, " " + " ".join(words[n_ctx : n_ctx + 8]))
+            spans.insert(label, " ".join(words[n_ctx : n_ctx + 8]))  # lm-eval puts " " before a choice
             cloze.append({"domain": domain, "context": " ".join(words[:n_ctx]), "choices": spans, "label": label})
         texts = [t for t in corpus.texts(domain, "test") if t.strip()]
         chosen = rng.sample(texts, min(args.text_docs, len(texts)))
         data = out / f"text_{domain}.jsonl"
         _write_jsonl(data, [{"text": t[: args.text_chars]} for t in chosen])
-        (out / f"demo_text_{domain}.yaml").write_text(TEXT_YAML.format(domain=domain, data=data.resolve()), encoding="utf-8")
+        yaml = local_task_yaml(f"demo_text_{domain}", data, "loglikelihood_rolling",
+                               ["word_perplexity", "byte_perplexity", "bits_per_byte"])
+        (out / f"demo_text_{domain}.yaml").write_text(yaml, encoding="utf-8")
         text_tasks.append(f"demo_text_{domain}")
     _write_jsonl(out / "cloze.jsonl", cloze)
-    (out / "demo_cloze.yaml").write_text(CLOZE_YAML.format(data=(out / "cloze.jsonl").resolve()), encoding="utf-8")
+    yaml = local_task_yaml("demo_cloze", out / "cloze.jsonl", "multiple_choice", ["acc", "acc_norm", "acc_mutual_info"])
+    (out / "demo_cloze.yaml").write_text(yaml, encoding="utf-8")
     group = "group: demo_text\ntask:\n" + "".join(f"  - {t}\n" for t in text_tasks)
     group += "aggregate_metric_list:\n  - metric: bits_per_byte\n    weight_by_size: true\nmetadata:\n  version: 1.0\n"
     (out / "demo_text.yaml").write_text(group, encoding="utf-8")

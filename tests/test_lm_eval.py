@@ -20,7 +20,7 @@ from elmforest.combine import generate as generate_module
 from elmforest.combine.ensemble import Ensemble, updating_logprobs
 from elmforest.combine.evaluate import eval_windows
 from elmforest.combine.forest import Forest
-from elmforest.combine.harness import ElmforestLM
+from elmforest.combine.harness import ElmforestLM, local_task_yaml
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.models.factory import load_model
 
@@ -75,46 +75,18 @@ def _split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
 # --- one expert = lm-eval's hf model on that expert's folder --------------------------------
 
 
-TASKS = {
-    "tiny_mc.yaml": """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {mc}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-""",
-    "tiny_ppl.yaml": """task: tiny_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {ppl}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-""",
-}
-
-
 def _write_tasks(folder, long_text: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     mc = folder / "mc.jsonl"
-    rows = [{"context": "5 17 42", "choices": [" 8 13", " the cat", " home"], "label": 0},
-            {"context": "the dog ran", "choices": [" 4", " away from home", " far"], "label": 1},
-            {"context": "came back and", "choices": [" 99 1", " then the", " sat on a mat"], "label": 2}]
+    rows = [{"context": "5 17 42", "choices": ["8 13", "the cat", "home"], "label": 0},
+            {"context": "the dog ran", "choices": ["4", "away from home", "far"], "label": 1},
+            {"context": "came back and", "choices": ["99 1", "then the", "sat on a mat"], "label": 2}]
     mc.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     ppl = folder / "ppl.jsonl"
     ppl.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "the cat sat on a mat 7 8"}) + "\n", encoding="utf-8")
-    for name, text in TASKS.items():
-        (folder / name).write_text(text.format(mc=mc, ppl=ppl), encoding="utf-8")
+    (folder / "tiny_mc.yaml").write_text(local_task_yaml("tiny_mc", mc, "multiple_choice", ["acc"]), encoding="utf-8")
+    (folder / "tiny_ppl.yaml").write_text(local_task_yaml("tiny_ppl", ppl, "loglikelihood_rolling", ["word_perplexity"]),
+                                          encoding="utf-8")
 
 
 def _samples(out_dir, task: str) -> list[dict]:
@@ -213,6 +185,23 @@ def test_cached_prior_with_the_one_step_posterior(built):
     best = int(sum((w[j] / w.sum()) * full[j][-1].exp() for j in range(2)).argmax())
     [(ll, greedy)] = lm._loglikelihood_tokens([(None, ctx, [best])])
     assert greedy is True
+
+
+def test_a_saved_prior_with_top_k_runs_only_its_best_expert(built, tmp_path):
+    """load_prior + top_k 1: only `words` loads and runs, so the mixture is that expert alone:
+    the same numbers as the `words` expert folder as a target."""
+    _root, _corpus, forest = built
+    saved = tmp_path / "prior.json"
+    saved.write_text(json.dumps({"domain": "words", "experts": {"nums": 0.25, "words": 0.75}, "posterior": "one_step"}))
+    top1 = ElmforestLM(pretrained=str(forest), load_prior=str(saved), top_k=1, device="cpu")
+    assert top1.target.names == ["words"] and len(top1.target.models) == 1
+    single = ElmforestLM(pretrained=str(Forest(forest).expert_dir("words")), device="cpu")
+    assert single.target.kind == "model"
+    reqs = _requests("loglikelihood", PAIRS)
+    assert top1.loglikelihood(reqs) == single.loglikelihood(reqs)
+    both = ElmforestLM(pretrained=str(forest), load_prior=str(saved), device="cpu")
+    assert both.target.prior.tolist() == pytest.approx([0.25, 0.75])
+    assert [ll for ll, _ in both.loglikelihood(reqs)] != [ll for ll, _ in single.loglikelihood(reqs)]
 
 
 def test_updating_prior_equals_the_studys_updating_walk(built):

@@ -50,6 +50,7 @@ numbers.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
+from tqdm import tqdm
 
 from elmforest.combine.ensemble import NO_MIXING, Mixing, check_posterior, normalise_prior, posterior_log_weights, top_k_prior
 from elmforest.combine.evaluate import model_device
@@ -376,15 +378,17 @@ class ElmforestLM(TemplateLM):
         return self.target.info()
 
     # -- scoring ----------------------------------------------------------------------------
-    def _score(self, rows: list[list[int]], spans: list[int]) -> list[tuple[float, bool]]:
+    def _score(self, rows: list[list[int]], spans: list[int], desc: str, quiet: bool) -> list[tuple[float, bool]]:
         """Score every (row, span) in batches, longest first -> results in the given order."""
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s : s + self.batch_size]
-            for i, res in zip(chunk, score_sequences(self.target, self.walk, [rows[i] for i in chunk],
-                                                      [spans[i] for i in chunk])):
-                results[i] = res
+        with tqdm(total=len(rows), desc=desc, disable=quiet) as bar:
+            for s in range(0, len(order), self.batch_size):
+                chunk = order[s : s + self.batch_size]
+                for i, res in zip(chunk, score_sequences(self.target, self.walk, [rows[i] for i in chunk],
+                                                          [spans[i] for i in chunk])):
+                    results[i] = res
+                bar.update(len(chunk))
         return [r for r in results if r is not None]
 
     def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -394,7 +398,7 @@ class ElmforestLM(TemplateLM):
                     f"a continuation of {len(continuation_enc)} tokens does not fit the context of {self.max_length}")
             rows.append((list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :])
             spans.append(len(continuation_enc))
-        results = self._score(rows, spans)
+        results = self._score(rows, spans, "elmforest loglikelihood", disable_tqdm)
         for (pair, _, _), res in zip(requests, results):
             if pair is not None:
                 self.cache_hook.add_partial("loglikelihood", pair, res)
@@ -408,7 +412,7 @@ class ElmforestLM(TemplateLM):
                 spans.append(span)
                 owner.append(r)
         sums = [0.0] * len(requests)
-        for r, (lp, _) in zip(owner, self._score(rows, spans) if rows else []):
+        for r, (lp, _) in zip(owner, self._score(rows, spans, "elmforest rolling windows", disable_tqdm) if rows else []):
             sums[r] += lp
         for req, total in zip(requests, sums):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -446,3 +450,33 @@ class ElmforestLM(TemplateLM):
             out.append(text)
         return out
 
+
+# --- local tasks ----------------------------------------------------------------------------
+
+# lm-eval's aggregation and direction of the metrics local tasks use (spelled out, so lm-eval
+# does not warn that it picks defaults).
+_METRICS = {
+    "acc": ("mean", True), "acc_norm": ("mean", True), "acc_mutual_info": ("mean", True),
+    "word_perplexity": ("weighted_perplexity", False), "byte_perplexity": ("weighted_perplexity", False),
+    "bits_per_byte": ("bits_per_byte", False),
+}
+_FIELDS = {  # output_type -> the JSONL fields a document holds, as lm-eval's templates
+    "multiple_choice": {"doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}"},
+    "loglikelihood_rolling": {"doc_to_text": "", "doc_to_target": "{{text}}"},
+}
+
+
+def local_task_yaml(name: str, data_file: str | Path, output_type: str, metrics: Sequence[str]) -> str:
+    """An lm-eval task over a local JSONL file, offline (`dataset_path: json`): multiple_choice
+    documents hold {"context", "choices", "label"} (lm-eval puts " " between context and choice),
+    loglikelihood_rolling documents hold {"text"}. Put the file in a folder passed as --include_path."""
+    require(output_type in _FIELDS, f"output_type {output_type!r}: choose one of {', '.join(_FIELDS)}")
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+             f"    test: {json.dumps(str(Path(data_file).resolve()))}", "test_split: test", f"output_type: {output_type}"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in _FIELDS[output_type].items()]
+    lines.append("metric_list:")
+    for metric in metrics:
+        require(metric in _METRICS, f"metric {metric!r}: choose one of {', '.join(_METRICS)}")
+        aggregation, higher = _METRICS[metric]
+        lines += [f"  - metric: {metric}", f"    aggregation: {aggregation}", f"    higher_is_better: {str(higher).lower()}"]
+    return "\n".join([*lines, "metadata:", "  version: 1.0", ""])
