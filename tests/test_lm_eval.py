@@ -152,6 +152,25 @@ def test_uniform_prior_is_the_equal_mixture(built):
         assert greedy == bool((mix.argmax(-1) == torch.tensor(cont)).all())
 
 
+def test_flat_prior_with_the_full_prefix_posterior(built):
+    """w_j(t) ∝ prod_{s<t} p_j(x_s | x_<s) from a 1/2-1/2 prior, fresh for every request."""
+    _root, _corpus, forest = built
+    models, tok = _experts(forest)
+    lm = ElmforestLM(pretrained=str(forest), prior="flat", posterior="full_prefix", batch_size=2, device="cpu")
+    for _ in range(2):  # a flat prior does not move between calls
+        got = lm.loglikelihood(_requests("loglikelihood", PAIRS))
+        for (context, continuation), (ll, _greedy) in zip(PAIRS, got):
+            ctx, cont = _split(tok, context, continuation)
+            ids = ctx + cont
+            full = [_full_logprobs(m, ids) for m in models]
+            want = 0.0
+            for t in range(len(ctx), len(ids)):
+                evidence = torch.tensor([sum(float(full[j][s - 1, ids[s]]) for s in range(1, t)) for j in range(2)])
+                w = torch.softmax(evidence, dim=0)  # the flat prior cancels
+                want += math.log(float(sum(w[j] * full[j][t - 1, ids[t]].exp() for j in range(2))))
+            assert ll == pytest.approx(want, abs=1e-5)
+
+
 def test_cached_prior_with_the_one_step_posterior(built):
     """w_j(t) ∝ prior_j p_j(x_{t-1} | x_<t-1) (the prior alone at the first predicted token),
     p(x_t) = sum_j w_j(t) p_j(x_t | x_<t), over the whole sequence read, summed over the continuation."""
@@ -290,3 +309,12 @@ def test_lm_eval_refuses_bad_targets_and_priors_in_one_line(built, tmp_path, cap
         code, _out, err = run_cli(argv, capsys)
         assert code == 2 and words in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_without_lm_eval_the_command_says_how_to_install_it(built, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    code, _out, err = run_cli(["lm-eval", built[2], "--tasks", "tiny_mc"], capsys)
+    assert code == 2 and "pip install 'elmforest[lm-eval]'" in err and len(err.strip().splitlines()) == 1

@@ -33,8 +33,9 @@ def lm_eval_command(
     ),
     prior: str = typer.Option(
         "updating", "--prior",
-        help="uniform (fixed 1/n weights), updating (moving average carried across the scored requests) or "
-        "cached:DOMAIN (estimated on DOMAIN's valid split, then frozen).",
+        help="updating (moving average carried across the scored requests), flat (1/n for every request, the posterior "
+        "following each request's tokens), uniform (fixed 1/n weights, no per-token update) or cached:DOMAIN "
+        "(estimated on DOMAIN's valid split, then frozen).",
     ),
     posterior: str | None = typer.Option(
         None, "--posterior", help="Per-token weights (default: the recipe's eval.posterior recorded in expert.json, else one_step)."

@@ -35,7 +35,10 @@ weighted with the prior reached after the groups before its own, then
 prior <- (1 - alpha) prior + alpha * (mean posterior over the group's positions); generation uses
 the prior reached so far. "cached:DOMAIN": the cached prior estimated on DOMAIN's valid windows
 (`scoring.forest_prior`, the recipe's prior_sequences / prior_batch / prior_alpha / window_seed),
-frozen. "uniform": fixed 1/n weights, no per-token update (the study's btm_ensemble_uniform).
+frozen. "flat": the same 1/n prior for every request, the posterior moving with each request's own
+tokens (with `posterior=full_prefix`, each request's text picks its experts: the best setting on
+the demo's local tasks, README). "uniform": fixed 1/n weights, no per-token update (the study's
+btm_ensemble_uniform).
 `load_prior=FILE` takes a prior saved by `elmforest ensemble --save-prior` with its mixing
 settings. `top_k` keeps the k largest cached-prior entries and loads only those experts. The
 posterior defaults to the recipe's `eval.posterior` recorded in expert.json (else one_step).
@@ -85,7 +88,7 @@ from elmforest.errors import ElmError, require
 importlib.import_module("lm_eval.models")
 
 DEFAULT_PRIOR = "updating"
-PRIOR_HELP = "uniform | updating | cached:DOMAIN"
+PRIOR_HELP = "updating | flat | uniform | cached:DOMAIN"
 
 
 # --- the target: members, prior, posterior ---------------------------------------------------
@@ -100,7 +103,7 @@ class HarnessTarget:
     models: list[nn.Module]
     names: list[str]
     prior: torch.Tensor  # float64 [k] over `models`, normalised
-    prior_mode: str  # "uniform", "updating", "cached:DOMAIN" or "file:PATH"
+    prior_mode: str  # "updating", "flat", "uniform", "cached:DOMAIN" or "file:PATH"
     posterior: str
     mixing: Mixing
     tokenizer: Any
@@ -129,13 +132,13 @@ def _recorded_eval(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_prior(prior: str | None) -> tuple[str, str | None]:
-    """"updating" / "uniform" / "cached:DOMAIN" -> (mode, domain or None); refuses anything else."""
+    """"updating" / "flat" / "uniform" / "cached:DOMAIN" -> (mode, domain or None); refuses anything else."""
     text = (prior or DEFAULT_PRIOR).strip()
     mode, _, domain = text.partition(":")
     if mode == "cached":
         require(domain != "", f"prior {text!r}: a cached prior needs its domain, cached:DOMAIN")
         return mode, domain
-    require(mode in ("uniform", "updating") and not domain, f"prior {text!r}: choose one of {PRIOR_HELP}")
+    require(mode in ("updating", "flat", "uniform") and not domain, f"prior {text!r}: choose one of {PRIOR_HELP}")
     return mode, None
 
 
