@@ -43,6 +43,9 @@ btm_ensemble_uniform).
 settings. `top_k` keeps the k largest cached-prior entries and loads only those experts. The
 posterior defaults to the recipe's `eval.posterior` recorded in expert.json (else one_step).
 
+`local_task_yaml` writes an lm-eval task over a local JSONL file (multiple choice or rolling),
+for offline evaluation with --include_path.
+
 Why an `lm_eval.api.model.LM` and not a transformers model class: the mixture is scored in float64
 from each expert's exact log-probs and runs only the top-k experts, the cached prior needs the
 corpus, and generation reuses the tested per-expert KV-cache loop; a transformers class would have
