@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "combine",
     "average",
     "generate",
+    "harness",
     "study",
     "grow",
     "mix",

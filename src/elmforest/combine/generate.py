@@ -18,7 +18,7 @@ path is tested against).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +89,7 @@ def generate(
     use_cache: bool = True,
     seed: int = 0,
     mixing: Mixing = NO_MIXING,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` with up to `max_new_tokens` tokens from the ensemble -> new ids only.
 
@@ -97,6 +98,8 @@ def generate(
     temperature, floor and decay (a seed member is just one more model in `models`). Generation
     stops early after the tokenizer's EOS token (kept in the output) when a tokenizer is given.
     Sampling draws from a torch.Generator seeded with `seed`, so a call is reproducible.
+    `stop`, when given, sees the new ids after every token and ends generation when it returns
+    True (lm-eval's `until` strings: `combine.harness`).
     """
     if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
         models = [models]
@@ -134,7 +137,7 @@ def generate(
         token = _choose(mix, greedy, temperature, top_p, generator)
         ids.append(token)
         new.append(token)
-        if token == eos or len(new) == max_new_tokens:
+        if token == eos or len(new) == max_new_tokens or (stop is not None and stop(new)):
             break
         if use_cache:
             history = torch.cat([history, next_lp[:, token : token + 1]], dim=1)
