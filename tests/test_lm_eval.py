@@ -17,7 +17,8 @@ import torch
 import test_combine_cli
 from cli_runner import run_cli
 from elmforest.combine import generate as generate_module
-from elmforest.combine.ensemble import Ensemble, updating_logprobs
+from elmforest.combine.ensemble import Ensemble
+from elmforest.combine.prior import updating_logprobs
 from elmforest.combine.evaluate import eval_windows
 from elmforest.combine.forest import Forest
 from elmforest.combine.harness import ElmforestLM, local_task_yaml

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from elmforest.cli.combine import DEVICE_OPT, _device
+from elmforest.cli.combine import DEVICE_OPT, pick_device
 from elmforest.errors import ElmError
 
 
@@ -72,7 +72,7 @@ def lm_eval_command(
     model_args = {"pretrained": str(target), "prior": prior, "posterior": posterior, "top_k": top_k,
                   "corpus": corpus, "load_prior": str(load_prior) if load_prior is not None else None}
     argv = ["run", "--model", "elmforest", "--model_args", json.dumps({k: v for k, v in model_args.items() if v is not None}),
-            "--tasks", tasks, "--batch_size", batch_size, "--device", _device(device)]
+            "--tasks", tasks, "--batch_size", batch_size, "--device", pick_device(device)]
     for flag, value in (("--include_path", include_path), ("--output_path", output_path), ("--limit", limit)):
         if value is not None:
             argv += [flag, str(int(value) if flag == "--limit" and float(value).is_integer() else value)]

@@ -72,14 +72,14 @@ from tqdm import tqdm
 from elmforest.combine.ensemble import NO_MIXING, Mixing, check_posterior, normalise_prior, posterior_log_weights, top_k_prior
 from elmforest.combine.evaluate import model_device
 from elmforest.combine.forest import Forest, read_json
+from elmforest.combine.logprobs import EVAL_BATCH
+from elmforest.combine.prior import load_prior
 from elmforest.combine.scoring import (
-    EVAL_BATCH,
     ExpertPool,
     Members,
     check_forest_consistency,
     forest_context,
     forest_prior,
-    load_prior,
     model_context,
     recorded_seed_dir,
     resolve_corpus,
