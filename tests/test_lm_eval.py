@@ -18,6 +18,7 @@ import test_combine_cli
 from cli_runner import run_cli
 from elmforest.combine import generate as generate_module
 from elmforest.combine.ensemble import Ensemble
+from elmforest.combine.logprobs import expert_logprobs
 from elmforest.combine.prior import updating_logprobs
 from elmforest.combine.evaluate import eval_windows
 from elmforest.combine.forest import Forest
@@ -226,7 +227,7 @@ def test_a_saved_prior_with_top_k_runs_only_its_best_expert(built, tmp_path):
 
 def test_updating_prior_equals_the_studys_updating_walk(built):
     """Equal-length sequences scored in order: the moving average over groups of 4 sequences
-    is `ensemble.updating_logprobs` on the same windows (the study's `--prior updating`)."""
+    is `prior.updating_logprobs` on the same windows (the study's `--prior updating`)."""
     root, corpus, forest = built
     models, tok = _experts(forest)
     text = " ".join(test_combine_cli._docs("nums", 6, random.Random(5)) +
@@ -235,7 +236,8 @@ def test_updating_prior_equals_the_studys_updating_walk(built):
     lm = ElmforestLM(pretrained=str(forest), prior="updating", batch_size=3, device="cpu")
     assert lm.target.prior_batch == 4 and lm.target.alpha == 0.3
     got = lm._loglikelihood_tokens([(None, w[:1].tolist(), w[1:].tolist()) for w in windows])
-    want = updating_logprobs(models, windows, batch_size=4, alpha=0.3, posterior="one_step").double().sum(dim=1)
+    table = expert_logprobs(models, windows)  # [2, 10, 32]: the one log-prob path
+    want = updating_logprobs(table, batch_size=4, alpha=0.3, posterior="one_step").double().sum(dim=1)
     assert [ll for ll, _ in got] == pytest.approx(want.tolist(), abs=1e-4)
     # the walk moved: the prior after 10 windows (3 groups, 2 closed) is not uniform any more
     assert abs(float(lm.walk.prior[0]) - 0.5) > 0.01
