@@ -36,7 +36,6 @@ class AnchoredArm(Arm):
     fields = AnchoredFields
     switch = "anchored"
 
-
     def preflight(self, recipe: Any, source: str) -> None:
         family = stages.model_family(recipe)
         if recipe.arms.anchored and family != "llama":

@@ -31,7 +31,6 @@ class BtxArm(Arm):
     fields = BtxFields
     switch = "btx"
 
-
     def preflight(self, recipe: Any, source: str) -> None:
         family = stages.model_family(recipe)
         if recipe.arms.btx and family != "llama":

@@ -27,7 +27,6 @@ class DemixArm(Arm):
     fields = DemixFields
     switch = "demix"
 
-
     def announce(self, recipe: Any, name: str) -> str:
         return "[6/9] DEMix: one MLP per train domain inside one model, from the seed, compute-matched"
 

@@ -80,7 +80,6 @@ class DenseArm(Arm):
     fields = DenseFields
     switch = "dense"
 
-
     def announce(self, recipe: Any, name: str) -> str:
         return "[3/9] dense baseline (the seed run continued to the full budget)"
 

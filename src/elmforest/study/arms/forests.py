@@ -152,7 +152,6 @@ class RandomArm(ForestArm):
     fields = RandomFields
     switch = "random_split"
 
-
     def folder(self, run_dir: Path, name: str) -> Path:
         return Path(run_dir) / "random_forest"
 
