@@ -166,8 +166,12 @@ def expert_sampler(job: ExpertJob, corpus: Corpus):
     )
 
 
-def job_valid_batches(job: ExpertJob, corpus: Corpus, domains: list[str]) -> list:
-    """The valid batches the job's training loop measures its valid loss on, over `domains`."""
+def job_valid_batches(job: ExpertJob, corpus: Corpus, domains: list[str]) -> list | None:
+    """The valid batches the job's training loop measures its valid loss on, over `domains`
+    (those whose valid split holds documents: a c-BTM cluster may get none; None when no domain has)."""
+    domains = [d for d in domains if corpus.documents(d, "valid") != 0]
+    if not domains:
+        return None
     arrays = domain_arrays(corpus, Path(job.tokenizer), domains, "valid")
     return valid_batches(arrays, job.context, job.valid_windows, job.eval_batch_size, job.window_seed)
 

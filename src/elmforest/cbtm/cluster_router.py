@@ -15,9 +15,11 @@ token.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from elmforest.cbtm.balanced_kmeans import squared_distances
 from elmforest.errors import require
@@ -49,6 +51,40 @@ def cluster_router_weights(
 ) -> np.ndarray:
     """[n, k] routing weights of texts under a fitted `ClusterModel` (rows sum to 1)."""
     return routing_weights(squared_distances(model.transform(texts), model.centres), temperature, top_k)
+
+
+def window_texts(tokenizer: Any, array: np.ndarray, starts: Sequence[int], context: int) -> list[str]:
+    """The routing text of each scoring window: the decoded `context` tokens before the window's
+    start in its split's token array plus the window's first token, i.e. everything seen before
+    the window's first prediction (no token routes its own prediction)."""
+    return [tokenizer.decode(array[max(0, int(s) - context) : int(s) + 1].tolist()) for s in starts]
+
+
+def routed_logprobs(expert_lp: torch.Tensor, weights: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """log p(x_t) = logsumexp_j(log w_j + log p_j(x_t)) with one weight row per window.
+
+    expert_lp [n, N, T] (the experts' log-probs), weights [N, n] (rows sum to 1; an expert with
+    weight 0 drops out) -> float32 [N, T]."""
+    w = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+    require(tuple(w.shape) == tuple(expert_lp.shape[:2][::-1]),
+            f"weights {tuple(w.shape)} do not match {expert_lp.shape[0]} experts x {expert_lp.shape[1]} windows")
+    log_w = w.T.log().unsqueeze(-1)  # [n, N, 1]
+    return torch.logsumexp(log_w + expert_lp.double(), dim=0).float()
+
+
+def choose_temperature(
+    expert_lp: torch.Tensor, d2: np.ndarray, temperatures: Sequence[float], top_k: int | None = None
+) -> tuple[float, dict[float, float]]:
+    """The temperature whose routed mixture has the lowest mean NLL on these windows (meant for
+    validation windows, never test), ties to the first listed.
+
+    expert_lp [n, N, T], d2 [N, n] squared distances of the windows' routing texts to the experts'
+    centres (same expert order). Returns (temperature, {temperature: mean NLL per token})."""
+    require(len(temperatures) > 0, "no temperatures to choose from")
+    nll = {float(t): float(-routed_logprobs(expert_lp, routing_weights(d2, t, top_k)).double().mean())
+           for t in temperatures}
+    best = min(nll, key=lambda t: (nll[t], list(nll).index(t)))
+    return best, nll
 
 
 class ClusterRouter:

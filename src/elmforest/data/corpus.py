@@ -237,6 +237,12 @@ class Corpus:
         self.require([domain])
         return self.path / domain / f"{split}.jsonl"
 
+    def documents(self, domain: str, split: str) -> int | None:
+        """How many documents a split holds, as the manifest records (None when it does not say)."""
+        self.require([domain])
+        n = self.manifest["domains"][domain].get("splits", {}).get(split, {}).get("documents")
+        return n if isinstance(n, int) else None
+
     def texts(self, domain: str, split: str) -> Iterator[str]:
         """Yield the documents of one split, validating each line."""
         path = self.split_path(domain, split)

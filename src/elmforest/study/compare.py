@@ -18,10 +18,9 @@ from elmforest.btm.seed import SEED_JSON, model_context, seed_dir
 
 from elmforest import storage
 from elmforest.cbtm.cluster import ClusterModel
-from elmforest.cbtm.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter
+from elmforest.cbtm.cluster_router import DEFAULT_TEMPERATURE, ClusterRouter, routed_logprobs, window_texts
 from elmforest.config import Recipe
 from elmforest.data.corpus import Corpus
-from elmforest.combine.ensemble import mix_logprobs
 from elmforest.combine.logprobs import expert_logprobs, mean_nll
 from elmforest.errors import require
 from elmforest.combine.forest import Forest, read_json
@@ -83,12 +82,11 @@ def router_row(
         log(f"router: evaluating {d}")
         windows = split_windows(corpus, tok_dir, d, "test", context, recipe.eval.max_tokens_per_domain, recipe.eval.window_seed)
         test, array = windows.tokens, token_array(corpus, tok_dir, d, "test")
-        texts = [tokenizer.decode(array[max(0, s - context) : s + 1].tolist()) for s in windows.starts.tolist()]
+        texts = window_texts(tokenizer, array, windows.starts.tolist(), context)
         w = router_weights(router, index, texts)  # [N, n]
         routed = w.sum(0)  # [n]: an expert no window routes to (top-k) never runs
         lp = expert_logprobs(models, test, recipe.eval.batch_size, prior=routed)  # [k, N, T]
-        logw = w.T[routed > 0].log().unsqueeze(-1).expand(-1, -1, lp.shape[-1])  # [k, N, T]
-        nll[d] = mean_nll(mix_logprobs(lp, logw))
+        nll[d] = mean_nll(routed_logprobs(lp, w[:, routed > 0]))
     params = param_count(models[0])
     seed = read_json(seed_dir(run_dir) / SEED_JSON, "seed.json")
     _, flops = forest_tokens_flops(forest.path, seed)

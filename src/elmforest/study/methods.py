@@ -76,7 +76,7 @@ def _single(name: str) -> Score:
     return lambda ev: ev.single_lp(name)
 
 
-def _cached(arm: str, posterior: str | None = None, top_k: int | None = None) -> Score:
+def cached_score(arm: str, posterior: str | None = None, top_k: int | None = None) -> Score:
     """The forest's mixture under its cached prior (top-k'd), with the recipe's or a given posterior."""
 
     def score(ev: Any) -> torch.Tensor:
@@ -138,7 +138,7 @@ register(StudyMethod(
 ))
 register(StudyMethod(
     "btm_ensemble_cached", "btm", "the forest mixed with its cached prior and the recipe's posterior",
-    _cached("btm"), _n_experts_running(), valid=_valid_cached("btm"),
+    cached_score("btm"), _n_experts_running(), valid=_valid_cached("btm"),
 ))
 for _post in UPDATING_POSTERIORS:
     if _post == "decayed":  # spanned by the tuned ensemble
@@ -146,13 +146,13 @@ for _post in UPDATING_POSTERIORS:
     register(StudyMethod(
         f"btm_ensemble_cached_{_post}", "btm", f"as btm_ensemble_cached with the {_post} posterior "
         f"({POSTERIORS[_post].help}); listed when the recipe's posterior is another one",
-        _cached("btm", _post), _n_experts_running(), enabled=lambda r, p=_post: r.eval.posterior != p,
+        cached_score("btm", _post), _n_experts_running(), enabled=lambda r, p=_post: r.eval.posterior != p,
     ))
 for _k in (1, 2):
     register(StudyMethod(
         f"btm_ensemble_cached_top{_k}", "btm",
         f"the cached-prior ensemble of the {_k} expert{'s' if _k > 1 else ''} with the largest prior (only those run)",
-        _cached("btm", top_k=_k), _n_experts_running(_k), enabled=_top_k_enabled(_k),
+        cached_score("btm", top_k=_k), _n_experts_running(_k), enabled=_top_k_enabled(_k),
     ))
 register(StudyMethod(
     "btm_ensemble_tuned", "btm", "the forest (and optionally the seed) mixed with settings chosen on validation data "
@@ -169,7 +169,7 @@ register(StudyMethod(
 ))
 register(StudyMethod(
     "random_ensemble_cached", "random", "a forest trained on random (domain-balanced) splits, cached-prior ensemble",
-    _cached("random"), _n_experts_running(),
+    cached_score("random"), _n_experts_running(),
 ))
 register(StudyMethod(
     "demix_cached", "demix", "DEMix: one MLP per domain inside one model, mixed with its cached prior",
@@ -212,7 +212,7 @@ def seed_fraction_method(fraction: float) -> StudyMethod:
     return StudyMethod(
         f"btm_ensemble_cached_seed{fraction:g}", arm,
         f"the cached-prior ensemble of a forest branched at {fraction:g} of the budget (compute-matched on its own)",
-        _cached(arm), _n_experts_running(), valid=_valid_cached(arm),
+        cached_score(arm), _n_experts_running(), valid=_valid_cached(arm),
     )
 
 

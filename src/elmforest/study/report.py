@@ -6,27 +6,22 @@ Plots are PNG files written with matplotlib (Agg backend) and linked from `repor
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from elmforest import storage
+from elmforest.study.formatting import fmt_ci, fmt_multiple, fmt_ppl
 
 # Keys of results.json that are not evaluation rows.
 RESERVED_KEYS = (
     "budget", "recipe", "priors", "unigram", "curves", "timing", "notes",
-    "comparisons", "compute_to_match", "seeds", "per_seed", "mixing", "opt_out",
+    "comparisons", "compute_to_match", "seeds", "per_seed", "mixing", "opt_out", "cluster_sweep",
 )
 
 
 def method_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in results.items() if k not in RESERVED_KEYS}
-
-
-def fmt_ppl(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
 def _fmt_sci(x: float | None) -> str:
@@ -39,10 +34,6 @@ def _fmt_count(x: int | None) -> str:
 
 def _fmt_bool(x: bool | None) -> str:
     return "-" if x is None else "yes" if x else "no"
-
-
-def _fmt_ci(ci: list[float] | None) -> str:
-    return "" if not ci else f" [{fmt_ppl(ci[0])}, {fmt_ppl(ci[1])}]"
 
 
 def results_table(results: dict[str, Any], markdown: bool = True) -> str:
@@ -59,9 +50,9 @@ def results_table(results: dict[str, Any], markdown: bool = True) -> str:
             [
                 name,
                 *[fmt_ppl(r["train"].get(d)) for d in train_d],
-                fmt_ppl(r.get("train_mean")) + _fmt_ci(r.get("train_mean_ci")),
+                fmt_ppl(r.get("train_mean")) + fmt_ci(r.get("train_mean_ci")),
                 *[fmt_ppl(r["novel"].get(d)) for d in novel_d],
-                fmt_ppl(r.get("novel_mean")) + _fmt_ci(r.get("novel_mean_ci")),
+                fmt_ppl(r.get("novel_mean")) + fmt_ci(r.get("novel_mean_ci")),
                 _fmt_sci(r.get("train_flops")),
                 f"{(r.get('inference_params') or 0) / 1e6:.2f}M",
             ]
@@ -163,8 +154,8 @@ def sweep_table(results: dict[str, Any]) -> str | None:
             continue
         lines.append(
             f"| {f:g}{' (main)' if f == main else ''} | {fmt_ppl(r.get('valid_train_mean'))} | "
-            f"{fmt_ppl(r.get('valid_novel_mean'))} | {fmt_ppl(r.get('train_mean'))}{_fmt_ci(r.get('train_mean_ci'))} | "
-            f"{fmt_ppl(r.get('novel_mean'))}{_fmt_ci(r.get('novel_mean_ci'))} |"
+            f"{fmt_ppl(r.get('valid_novel_mean'))} | {fmt_ppl(r.get('train_mean'))}{fmt_ci(r.get('train_mean_ci'))} | "
+            f"{fmt_ppl(r.get('novel_mean'))}{fmt_ci(r.get('novel_mean_ci'))} |"
         )
     return "\n".join(lines)
 
@@ -192,10 +183,6 @@ def fmt_change(a: float, b: float) -> str:
     return f"{pct:+.1f}%"
 
 
-def _fmt_multiple(x: float | str) -> str:
-    return x if isinstance(x, str) else f"{x:.2f}x"
-
-
 def reading(results: dict[str, Any]) -> list[str]:
     """One sentence per claim: the two means, the ratio's 95% interval and the verdict read from it."""
     rows = method_rows(results)
@@ -214,8 +201,8 @@ def reading(results: dict[str, Any]) -> list[str]:
             if v:
                 lo, hi = v["ci"]
                 out.append(
-                    f"- A dense LM needs {_fmt_multiple(v['multiple'])} the compute (95% CI {_fmt_multiple(lo)} to "
-                    f"{_fmt_multiple(hi)}) to match `btm_ensemble_cached` on {part} domains (dense measured at "
+                    f"- A dense LM needs {fmt_multiple(v['multiple'])} the compute (95% CI {fmt_multiple(lo)} to "
+                    f"{fmt_multiple(hi)}) to match `btm_ensemble_cached` on {part} domains (dense measured at "
                     + ", ".join(f"{k}x: {fmt_ppl(p)}" for k, p in v["points"].items())
                     + "; the paper reports 2.5x at 64 domains)."
                 )
@@ -273,8 +260,10 @@ def plot_test_compute(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest study") -> Path:
-    """Write OUT/report.md and its plots from results.json's contents."""
+def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest study",
+                 sections: Callable[[dict[str, Any], Path], list[str]] | None = None) -> Path:
+    """Write OUT/report.md and its plots from results.json's contents; `sections(results, plots)`
+    adds the arms' own parts (`study.arms.report_sections`) before the reading."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -388,6 +377,8 @@ def write_report(run_dir: Path, results: dict[str, Any], title: str = "elmforest
     png = plots / "test_ppl_vs_compute.png"
     if plot_test_compute(results, png):
         parts += ["## Test perplexity against training compute", "", f"![test ppl vs compute](plots/{png.name})", ""]
+    if sections is not None:
+        parts += sections(results, plots)
     lines = reading(results)
     if lines:
         parts += ["## Reading", "", *lines, ""]

@@ -69,7 +69,8 @@ class StudyModels:
 
     `provide` (`elmforest.study.arms.provide_models`) lets each trained arm load what it lends the
     evaluation into `singles` (one model per name: seed, dense, dense_x2, btx, ...), `forests`
-    ({arm: (expert names, experts)}: btm, random, btm_seed<f>) or `demix`."""
+    ({arm: (expert names, experts)}: btm, random, btm_seed<f>, cbtm_k<k>), `demix` or `extras`
+    (anything else its methods read, keyed by the arm)."""
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class StudyModels:
         self.singles: dict[str, torch.nn.Module] = {}
         self.forests: dict[str, tuple[list[str], list[torch.nn.Module]]] = {}
         self.demix: Any = None
+        self.extras: dict[str, Any] = {}  # what an arm's own methods need beside its models (a c-BTM clusterer)
         provide(self)
         self.uniform_average = averaged_model(self.forests["btm"][1], None) if "btm" in self.forests else None
         vocab = len(read_json(tokenizer_dir / "tokenizer.json", "tokenizer")["model"]["vocab"]) + 1

@@ -119,7 +119,7 @@ def _write_results(
 
     results = assemble_results(recipe, runs, scores, budget, timing)
     storage.write_json(out / "results.json", results)
-    write_report(out, results, title=f"elmforest study: {out.name}")
+    write_report(out, results, title=f"elmforest study: {out.name}", sections=arms.report_sections)
     if log is not None:
         log(results_table(results, markdown=False))
         log(f"report: {out / 'report.md'}")

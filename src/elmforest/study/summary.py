@@ -23,7 +23,7 @@ from elmforest.combine.bootstrap import Bootstrap, DomainDocs, compare, compute_
 from elmforest.config import Recipe
 from elmforest.errors import ElmError
 from elmforest.combine.forest import Forest, read_json
-from elmforest.study.arms import ArmRecord, arm_records, study_methods, trained_arms
+from elmforest.study.arms import ARMS, ArmRecord, arm_records, study_methods, trained_arms
 from elmforest.study.arms.dense import dense_multiples
 from elmforest.study.arms.opt_out import opt_out_results
 from elmforest.study.methods import Sizes
@@ -142,6 +142,9 @@ def assemble_results(
             for part in ("train", "novel")
             if (train_d if part == "train" else novel_d)
         }
+    for arm in ARMS.values():  # sections of an arm's own (the c-BTM cluster sweep)
+        if arm.instances(recipe):
+            results.update(arm.summarize(recipe, first, boot, results))
     results["priors"] = {  # {arm: {domain: {member: weight}}}: distributions over each mixture's members
         arm: {d: s0[d]["priors"][arm]["experts"] for d in all_d}
         for arm in ("btm", "random", "demix", "btm_tuned")

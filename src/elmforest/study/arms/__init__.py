@@ -19,6 +19,7 @@ from elmforest.errors import ElmError
 from elmforest.study.arms.anchored import AnchoredArm, AnchoredRouterArm
 from elmforest.study.arms.base import Arm, ArmFields
 from elmforest.study.arms.btx import BtxArm
+from elmforest.study.arms.cbtm import ClusterArm
 from elmforest.study.arms.demix import DemixArm
 from elmforest.study.arms.dense import DenseArm, DenseMultipleArm, SeedArm
 from elmforest.study.arms.forests import BtmArm, RandomArm, SeedFractionArm
@@ -36,6 +37,7 @@ ARMS: dict[str, Arm] = {
         BtmArm(),
         SeedFractionArm(),
         RandomArm(),
+        ClusterArm(),
         DemixArm(),
         BtxArm(),
         AnchoredArm(),
@@ -82,6 +84,11 @@ def provide_models(recipe: Any) -> Callable[[Any], None]:
             arm.provide(models, name)
 
     return provide
+
+
+def report_sections(results: dict[str, Any], plots: Path) -> list[str]:
+    """report.md's parts that arms write for their own results.json sections (`Arm.report`)."""
+    return [line for arm in ARMS.values() for line in arm.report(results, plots)]
 
 
 def preflight(recipe: Any, source: str = "recipe") -> None:
@@ -146,6 +153,6 @@ def record_disagreements(recipe: Any, run_dir: Path) -> list[tuple[Path, str]]:
 
 __all__ = [
     "ARMS", "ARM_JSON", "Arm", "ArmFields", "ArmRecord", "arm_records", "field_sections", "preflight",
-    "provide_models", "read_record", "record_disagreements", "register", "study_methods", "trained_arms",
+    "provide_models", "read_record", "record_disagreements", "register", "report_sections", "study_methods", "trained_arms",
     "unregister", "write_record",
 ]

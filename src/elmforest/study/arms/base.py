@@ -13,6 +13,8 @@ It says, in one place:
     methods    the study methods it feeds (default: STUDY_METHODS entries whose arm is its name)
     derive     its budget record (`record.ArmRecord`), read from the files its training wrote
     notes      sentences for the report (e.g. why it is not compute-matched)
+    summarize  a section of results.json of its own (once per entry, e.g. a family's sweep table)
+    report     that section's part of report.md (text and plots)
 
 Every method has a do-nothing default, so an arm overrides only what applies to it.
 """
@@ -103,4 +105,14 @@ class Arm:
 
     def notes(self, record: ArmRecord, run_dir: Path, records: dict[str, ArmRecord]) -> list[str]:
         """Sentences for results.json's notes (and the report)."""
+        return []
+
+    def summarize(self, recipe: Any, run_dir: Path, boot: Any, results: dict[str, Any]) -> dict[str, Any]:
+        """Sections of results.json of its own ({key: value}; called once per registry entry that
+        trains something, after every method's row is in `results`; `boot`: the study's
+        `combine.bootstrap.Bootstrap`). Keys must be listed in `report.RESERVED_KEYS`."""
+        return {}
+
+    def report(self, results: dict[str, Any], plots: Path) -> list[str]:
+        """Lines of report.md for its own results.json sections (plots written under `plots`)."""
         return []

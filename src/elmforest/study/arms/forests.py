@@ -26,11 +26,12 @@ from elmforest.study.methods import StudyMethod, seed_fraction_arm, seed_fractio
 
 
 def train_forest(ctx: StageContext, recipe: Any, jobs: list[tuple[str, dict[str, Any]]], home: Path,
-                 experts: str, forest: str) -> Forest:
-    """Branch every expert of `jobs` from home/seed into home/<experts>/<name>, train them with the
-    recipe's launcher, merge them into home/<forest>."""
+                 experts: str, forest: str, seed: Path | None = None) -> Forest:
+    """Branch every expert of `jobs` from `seed` (default: home/seed, the run's seed when home is the
+    run) into home/<experts>/<name>, train them with the recipe's launcher, merge them into home/<forest>."""
     out = ctx.out
-    seed = home / "seed" if home != out else seeding.seed_dir(out)
+    if seed is None:
+        seed = home / "seed" if home != out else seeding.seed_dir(out)
     paths = []
     for name, data in jobs:
         job = expert_job(recipe, out, name, data, seed_from=seed)
@@ -56,13 +57,17 @@ class ForestArm(Arm):
             f = Forest(folder)
             models.forests[name] = (f.names, [load_model(f.expert_dir(n)).eval() for n in f.names])
 
+    def seed_folder(self, run_dir: Path, name: str) -> Path:
+        """The seed snapshot its experts branched from (RUN/seed, RUN/sweep/seed<f>/seed)."""
+        return self.folder(run_dir, name).parent / "seed"
+
     def derive(self, recipe: Any, run_dir: Path, name: str, earlier: dict[str, ArmRecord]) -> ArmRecord | None:
         folder = self.folder(run_dir, name)
         if not (folder / "forest.json").is_file():
             return None
         f = Forest(folder)
         # a forest's compute: its seed's (the snapshot it branched from) plus every expert's
-        branched = read_json(folder.parent / "seed" / seeding.SEED_JSON, seeding.SEED_JSON)  # RUN/seed, RUN/sweep/seed<f>/seed
+        branched = read_json(self.seed_folder(Path(run_dir), name) / seeding.SEED_JSON, seeding.SEED_JSON)
         metas = [f.expert_meta(n) for n in f.names]
         return ArmRecord(
             arm=name,
