@@ -292,12 +292,28 @@ def test_truncated_parquet_is_not_parquet_and_a_truncated_arrow_stream_is_corrup
     assert _error_line(capsys, [cut_pq], tmp_path / "out2").startswith(f"{cut_pq}: not a Parquet file (")
 
 
-def test_an_unsafe_domain_value_names_the_record(tmp_path, capsys):
-    rows = [{"text": "a", "d": "news"}, {"text": "b", "d": "PubMed Central"}]
+def test_labels_that_are_not_folder_names_become_domains_and_are_recorded(tmp_path, capsys):
+    rows = [{"text": f"doc {i}", "d": d} for i, d in enumerate(["news", "PubMed Central", "ArXiv/cs.CL", "news",
+                                                                  "PubMed Central", "..hidden  set!"] * 4)]
     src = tmp_path / "x.jsonl"
     src.write_bytes(_jsonl_bytes(rows))
+    manifest = _import([src, "--domain-field", "d"], capsys, tmp_path / "out")
+    assert list(manifest["domains"]) == ["news", "PubMed_Central", "ArXiv_cs.CL", "hidden_set"]
+    assert manifest["domains"]["PubMed_Central"]["import"]["label"] == "PubMed Central"
+    assert manifest["domains"]["hidden_set"]["import"]["label"] == "..hidden  set!"
+    assert "label" not in manifest["domains"]["news"]["import"]
+    assert sum(manifest["domains"]["PubMed_Central"]["splits"][sp]["documents"] for sp in SPLITS) == 8
+
+
+def test_two_labels_for_one_domain_name_or_a_label_with_no_name_name_the_record(tmp_path, capsys):
+    src = tmp_path / "x.jsonl"
+    src.write_bytes(_jsonl_bytes([{"text": "a", "d": "PubMed Central"}, {"text": "b", "d": "PubMed_Central"}]))
+    line = _error_line(capsys, [src, "--domain-field", "d"], tmp_path / "out")
+    assert line == (f"{src}: line 2: field 'd' gives 'PubMed_Central' and elsewhere "
+                    "'PubMed Central': both would be domain 'PubMed_Central'")
+    src.write_bytes(_jsonl_bytes([{"text": "a", "d": "news"}, {"text": "b", "d": "!!"}]))
     line = _error_line(capsys, [src, "--domain-field", "d", "--skip-bad-lines"], tmp_path / "out")
-    assert line.startswith(f"{src}: line 2: field 'd' gives an unsafe domain name 'PubMed Central': use 1-64 letters")
+    assert line == f"{src}: line 2: field 'd' gives '!!', which names no domain (it needs a letter or digit)"
 
 
 def test_folders_domain_field_and_dataset_dicts_are_refused_clearly(tmp_path, capsys):

@@ -91,7 +91,8 @@ def import_command(
     domain_field: str = typer.Option(
         None, "--domain-field", show_default=False,
         help="Split the sources into domains by this field's value (dotted for nested records, e.g. "
-        "meta.pile_set_name); a record without it is a bad record. A domain may span several sources.",
+        "meta.pile_set_name); a value that is no folder name becomes one ('PubMed Central' -> PubMed_Central); "
+        "a record without it is a bad record. A domain may span several sources.",
     ),
     novel: list[str] = typer.Option(
         [], "--novel", help="Mark this domain as novel (held out from expert training, for evaluation); repeatable."

@@ -30,6 +30,7 @@ large inputs are never held in memory.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class ImportPlan:
 
     domains: list[ImportedDomain]
     unassigned: dict[Path, Counter] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # domain -> the --domain-field label it came from
 
 
 @dataclass
@@ -167,12 +169,26 @@ def _txt_documents(folder: Path, skipped: Counter, skip_bad: bool = False) -> It
         yield text
 
 
+def label_domain(label: str) -> str:
+    """The domain name a `--domain-field` label gets: the label itself when it is a safe folder
+    name, else with each run of other characters turned into `_` ("PubMed Central" ->
+    "PubMed_Central", "ArXiv/cs" -> "ArXiv_cs"), cut to 64 characters; "" when nothing is left."""
+    try:
+        return check_domain_name(label)
+    except ElmError:
+        pass
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
+    return name.lstrip("_.-")[:64].rstrip("_.-") or ""
+
+
 def _documents(
-    src: _Source, text_field: str, domain_field: str | None, skipped: dict[str | None, Counter], skip_bad: bool
+    src: _Source, text_field: str, domain_field: str | None, skipped: dict[str | None, Counter], skip_bad: bool,
+    seen: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(domain, text) of each usable document of one source. Skipped records are counted in
     skipped[domain], or skipped[None] when the domain field decides and the record's domain is
-    unknown; a bad record raises instead unless `skip_bad`."""
+    unknown; a bad record raises instead unless `skip_bad`. `seen` ({domain: the label it came
+    from}, shared across sources) refuses two labels that would become one domain name."""
     if src.kind == TXT_FOLDER:
         for text in _txt_documents(src.path, skipped[src.name], skip_bad):
             yield src.name, text
@@ -181,7 +197,7 @@ def _documents(
     unit, json_source = reader.unit, src.kind in JSONL_KINDS
     columns = f"; its columns: {', '.join(reader.columns)}" if reader.columns is not None else ""
     unknown = None if domain_field else src.name  # whom a record is counted against before its domain is read
-    names_ok: set[str] = set()
+    names_ok: dict[str, str] = {}  # label -> domain name
     for path, n, record in reader:
         if isinstance(record, Bad):
             if record.reason == BLANK:
@@ -205,12 +221,17 @@ def _documents(
                 _bad(path, unit, n, Bad(MISSING_FIELD, what), skipped[None], skip_bad)
                 continue
             if value not in names_ok:
+                name = label_domain(value)
                 try:
-                    check_domain_name(value)
-                except ElmError as e:
-                    raise ElmError(f"{unit} {n}: field {domain_field!r} gives an {e.detail}", path) from None
-                names_ok.add(value)
-            domain = value
+                    check_domain_name(name)
+                except ElmError:
+                    raise ElmError(f"{unit} {n}: field {domain_field!r} gives {value!r}, which names no domain "
+                                   "(it needs a letter or digit)", path) from None
+                if seen is not None and seen.setdefault(name, value) != value:
+                    raise ElmError(f"{unit} {n}: field {domain_field!r} gives {value!r} and elsewhere "
+                                   f"{seen[name]!r}: both would be domain {name!r}", path)
+                names_ok[value] = name
+            domain = names_ok[value]
         text = _field(record, text_field)
         if text is _MISSING or not isinstance(text, str):
             what = (f"no field {text_field!r} (see --text-field{columns})" if text is _MISSING else
@@ -288,7 +309,7 @@ def _first_pass(
             domain(src.name, src)  # listed even when nothing in it is usable (reported below)
         skipped: dict[str | None, Counter] = defaultdict(Counter)
         try:
-            for name, _text in _documents(src, text_field, domain_field, skipped, skip_bad):
+            for name, _text in _documents(src, text_field, domain_field, skipped, skip_bad, plan.labels):
                 domain(name, src).usable += 1
         except OSError as e:
             raise ElmError(f"cannot read source ({e.strerror or e})", src.path) from None
@@ -367,6 +388,8 @@ def import_sources(
                                   "skipped": dict(dom.skipped)}
         if domain_field:
             record.update(domain_field=domain_field, sources=[str(p.resolve()) for p in dom.sources])
+            if plan.labels.get(dom.name, dom.name) != dom.name:
+                record.update(label=plan.labels[dom.name])
         return {"role": "novel" if dom.name in novel else "train", "import": record}
 
     # The second pass streams the documents; its skip counts repeat the first pass's, so they are discarded.
