@@ -227,3 +227,65 @@ def test_sizes_are_validated():
         balanced_assign(d2, 5, np.array([1, -1, 2]))
     with pytest.raises(ElmError, match="cannot hold"):
         balanced_assign(d2, 2, np.array([3, 1, 1]))
+
+
+# ----------------------------------------------------------------------------- restarts (n_init)
+
+
+def weighted_objective(z: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> float:
+    """sum over documents of size * |z - the size-weighted mean of its cluster|^2, by a plain loop."""
+    total = 0.0
+    for c in set(labels.tolist()):
+        members = labels == c
+        w = sizes[members].astype(float)
+        mean = (w[:, None] * z[members]).sum(0) / w.sum()
+        total += float((w * ((z[members] - mean) ** 2).sum(1)).sum())
+    return total
+
+
+def test_restarts_keep_the_run_with_the_lowest_objective(monkeypatch):
+    """n_init runs Lloyd from n seedings; the result must be the run whose objective is lowest."""
+    import elmforest.cbtm.balanced_kmeans as bk
+
+    rng = np.random.default_rng(3)
+    z = rng.random((240, 2))  # no blob structure: seedings end in different local optima
+    sizes = rng.integers(1, 40, size=240)
+    runs: list[np.ndarray] = []
+    real = bk._lloyd
+
+    def recording(*args, **kwargs):
+        centres, labels = real(*args, **kwargs)
+        runs.append(labels.copy())
+        return centres, labels
+
+    monkeypatch.setattr(bk, "_lloyd", recording)
+    picked_not_first = picked_not_last = False
+    for seed in range(6):
+        runs.clear()
+        _, labels = bk.balanced_kmeans(z, 5, tolerance=0.1, seed=seed, sizes=sizes, n_init=4)
+        assert len(runs) == 4
+        objectives = [weighted_objective(z, r, sizes) for r in runs]
+        best = int(np.argmin(objectives))
+        np.testing.assert_array_equal(labels, runs[best])
+        assert weighted_objective(z, labels, sizes) == pytest.approx(min(objectives))
+        picked_not_first |= objectives[best] < objectives[0] - 1e-9
+        picked_not_last |= objectives[best] < objectives[-1] - 1e-9
+        # the first restart is exactly the n_init=1 clustering of the same seed
+        first = runs[0]
+        runs.clear()
+        _, single = bk.balanced_kmeans(z, 5, tolerance=0.1, seed=seed, sizes=sizes)
+        assert len(runs) == 1
+        np.testing.assert_array_equal(single, first)
+    assert picked_not_first and picked_not_last  # the choice mattered: neither the first nor the last run
+
+
+def test_restart_runs_differ_and_n_init_is_checked():
+    rng = np.random.default_rng(3)
+    z = rng.random((240, 2))
+    sizes = rng.integers(1, 40, size=240)
+    _, one = balanced_kmeans(z, 5, seed=1, sizes=sizes)
+    _, many = balanced_kmeans(z, 5, seed=1, sizes=sizes, n_init=6)
+    assert weighted_objective(z, many, sizes) <= weighted_objective(z, one, sizes) + 1e-9
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ElmError, match="n_init"):
+            balanced_kmeans(z, 5, sizes=sizes, n_init=bad)

@@ -149,6 +149,24 @@ def test_cluster_corpus_recovers_the_domains(two_domain_corpus, tmp_path):
         cluster_corpus(two_domain_corpus, None, 2, out)
 
 
+def test_n_init_reaches_the_k_means_and_cluster_json(two_domain_corpus, tmp_path, monkeypatch):
+    import elmforest.cbtm.cluster as cluster
+
+    seen = []
+    real = cluster.balanced_kmeans
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["n_init"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cluster, "balanced_kmeans", spy)
+    summary = cluster_corpus(two_domain_corpus, ["fruit", "motor"], 2, tmp_path / "o", svd_dim=10, tolerance=0.2,
+                             n_init=3)
+    assert seen == [3] and summary["n_init"] == 3
+    fit_clusters(documents(FRUIT, 10, 0) + documents(MOTOR, 10, 1), 2, svd_dim=5)
+    assert seen == [3, 1]  # the default: one k-means++ seeding
+
+
 def test_cluster_corpus_user_errors(two_domain_corpus, tmp_path):
     out = tmp_path / "bad"
     for k in (0, 10_000):

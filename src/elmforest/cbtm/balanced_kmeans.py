@@ -174,35 +174,18 @@ def over_capacity(labels: np.ndarray, sizes: np.ndarray, k: int, capacity: int) 
     return [int(c) for c in np.flatnonzero(load > capacity)]
 
 
-def balanced_kmeans(
-    z: np.ndarray,
-    k: int,
-    tolerance: float = 0.1,
-    seed: int = 0,
-    max_iter: int = 50,
-    sizes: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations with the capacity-constrained assignment of `balanced_assign`.
+def balanced_objective(z: np.ndarray, centres: np.ndarray, labels: np.ndarray, sizes: np.ndarray | None = None) -> float:
+    """What balanced k-means lowers: sum over documents of size * |z - its centre|^2 (size 1 each if None)."""
+    d2 = ((z - centres[labels]) ** 2).sum(1)
+    w = np.ones(z.shape[0]) if sizes is None else np.maximum(np.asarray(sizes, dtype=np.float64), 1e-9)
+    return float((w * d2).sum())
 
-    z: [n, d]; sizes: [n] document sizes (tokens), None to balance documents. k-means++ seeding
-    from `seed`, then: assign (every cluster's summed size <= ceil(T/k * (1+tolerance)), none
-    empty), move each centre to the mean of its documents' vectors, until the assignment stops
-    changing or `max_iter` rounds. With sizes, seeding and means weigh each document by its
-    size: the objective is sum over tokens of |z_doc - centre|^2, so a few long documents are
-    not outvoted by many short ones (with plain means and seeding, 87% short tweets draw most
-    centres to tweets). Deterministic for a given seed. Returns (centres [k, d], labels [n]).
-    """
-    n = z.shape[0]
-    require(1 <= k <= n, f"k={k} must be between 1 and the number of documents ({n})")
-    require(tolerance >= 0, f"tolerance={tolerance} must be >= 0")
-    total = n if sizes is None else int(np.asarray(sizes).sum())
-    capacity = cluster_capacity(total, k, tolerance)
-    # Balancing tokens, every token counts: seeding and centre means weigh a document by its
-    # size (a centre is the mean over its cluster's tokens). A size-0 document still counts a
-    # little (weight 1e-9 of a token), so a cluster of only such documents has a centre.
-    w = np.ones(n) if sizes is None else np.maximum(np.asarray(sizes, dtype=np.float64), 1e-9)
-    centres = kmeans_plus_plus(z, k, np.random.default_rng(seed), None if sizes is None else w)
-    labels = np.full(n, -1, dtype=np.int64)
+
+def _lloyd(z: np.ndarray, centres: np.ndarray, capacity: int, sizes: np.ndarray | None, w: np.ndarray,
+           max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced Lloyd iterations from the given centres -> (centres, labels)."""
+    k = centres.shape[0]
+    labels = np.full(z.shape[0], -1, dtype=np.int64)
     for _ in range(max_iter):
         new = balanced_assign(squared_distances(z, centres), capacity, sizes)
         if np.array_equal(new, labels):
@@ -212,3 +195,46 @@ def balanced_kmeans(
         np.add.at(sums, labels, w[:, None] * z)
         centres = sums / np.bincount(labels, weights=w, minlength=k)[:, None]  # no cluster is empty
     return centres, labels
+
+
+def balanced_kmeans(
+    z: np.ndarray,
+    k: int,
+    tolerance: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 50,
+    sizes: np.ndarray | None = None,
+    n_init: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations with the capacity-constrained assignment of `balanced_assign`.
+
+    z: [n, d]; sizes: [n] document sizes (tokens), None to balance documents. k-means++ seeding
+    from `seed`, then: assign (every cluster's summed size <= ceil(T/k * (1+tolerance)), none
+    empty), move each centre to the mean of its documents' vectors, until the assignment stops
+    changing or `max_iter` rounds. With sizes, seeding and means weigh each document by its
+    size: the objective is sum over tokens of |z_doc - centre|^2 (`balanced_objective`), so a
+    few long documents are not outvoted by many short ones (with plain means and seeding, 87%
+    short tweets draw most centres to tweets). `n_init` runs from that many k-means++ seedings
+    (successive draws of one generator seeded with `seed`, so n_init=1 is the first of them)
+    and keeps the run with the lowest objective (the earliest on a tie). Deterministic for a
+    given seed. Returns (centres [k, d], labels [n]).
+    """
+    n = z.shape[0]
+    require(1 <= k <= n, f"k={k} must be between 1 and the number of documents ({n})")
+    require(tolerance >= 0, f"tolerance={tolerance} must be >= 0")
+    require(isinstance(n_init, (int, np.integer)) and n_init >= 1, f"n_init={n_init} must be an integer >= 1")
+    total = n if sizes is None else int(np.asarray(sizes).sum())
+    capacity = cluster_capacity(total, k, tolerance)
+    # Balancing tokens, every token counts: seeding and centre means weigh a document by its
+    # size (a centre is the mean over its cluster's tokens). A size-0 document still counts a
+    # little (weight 1e-9 of a token), so a cluster of only such documents has a centre.
+    w = np.ones(n) if sizes is None else np.maximum(np.asarray(sizes, dtype=np.float64), 1e-9)
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for _ in range(n_init):
+        centres, labels = _lloyd(z, kmeans_plus_plus(z, k, rng, None if sizes is None else w), capacity, sizes,
+                                 w, max_iter)
+        objective = balanced_objective(z, centres, labels, sizes)
+        if best is None or objective < best[0]:
+            best = (objective, centres, labels)
+    return best[1], best[2]

@@ -41,6 +41,7 @@ COMPONENTS_NPY = "svd_components.npy"
 CENTRES_NPY = "centres.npy"
 CLUSTER_JSON = "cluster.json"
 BALANCES = ("tokens", "documents")
+N_INIT = 1  # k-means++ seedings per clustering, the lowest objective kept (README, "Domains without labels")
 BYTES = "UTF-8 bytes"  # the token proxy without a tokenizer (see `document_sizes`)
 
 
@@ -167,6 +168,7 @@ def fit_clusters(
     stop_words: bool = True,
     max_iter: int = 50,
     sizes: np.ndarray | list[int] | None = None,
+    n_init: int = N_INIT,
 ) -> ClusterModel:
     """Fit tf-idf (sublinear tf) -> TruncatedSVD -> L2 normalise -> balanced k-means.
 
@@ -174,7 +176,8 @@ def fit_clusters(
     `sizes`: [n] each text's size (tokens, see `document_sizes`); every cluster of the fitted
     texts then holds at most ceil(sum(sizes)/k * (1 + tolerance)) of it. None balances
     documents: at most ceil(n/k * (1 + tolerance)) each. See `balanced_assign`, also for a
-    document larger than that bound.
+    document larger than that bound. `n_init`: k-means++ seedings tried, the lowest size-weighted
+    objective kept (see `balanced_kmeans`).
     """
     from sklearn.decomposition import TruncatedSVD
 
@@ -197,7 +200,7 @@ def fit_clusters(
                          centres=np.zeros((k, svd.components_.shape[0])))
     z = model.project(x)  # the same arithmetic as `transform`, without re-tokenising
     model.centres, model.labels = balanced_kmeans(z, k, tolerance=tolerance, seed=seed, max_iter=max_iter,
-                                                  sizes=sizes)
+                                                  sizes=sizes, n_init=n_init)
     return model
 
 
@@ -247,6 +250,7 @@ def cluster_corpus(
     carry: list[str] | None = None,
     balance: str = "tokens",
     tokenizer: str | Path | None = None,
+    n_init: int = N_INIT,
 ) -> dict[str, Any]:
     """Re-split the documents of `domains` (all of them if None) into k clusters, written as a new corpus.
 
@@ -301,7 +305,7 @@ def cluster_corpus(
 
     model = fit_clusters(texts["train"], k, svd_dim=svd_dim, seed=seed, tolerance=tolerance,
                          max_features=max_features, stop_words=stop_words,
-                         sizes=None if balance == "documents" else sizes["train"])
+                         sizes=None if balance == "documents" else sizes["train"], n_init=n_init)
     labels = {s: model.labels if s == "train" else model.assign(texts[s]) for s in SPLITS}
     all_truth = np.concatenate([np.asarray(truth[s], dtype=np.int64) for s in SPLITS])
     all_labels = np.concatenate([np.asarray(labels[s], dtype=np.int64) for s in SPLITS])
@@ -321,6 +325,7 @@ def cluster_corpus(
         "svd_dim": int(model.components.shape[0]),
         "tolerance": tolerance,
         "seed": seed,
+        "n_init": n_init,
         "max_features": max_features,
         "stop_words": stop_words,
         "balance": balance,
