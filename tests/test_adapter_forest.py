@@ -277,3 +277,16 @@ def test_the_study_reports_base_arrow_and_cat_rows_and_adapter_flops(study):
     arm = results["budget"]["arms"]["btm"]
     assert arm["flops"] == sum(m["flops"] for m in metas)  # the seed (the folder itself) cost nothing
     assert arm["tokens"] == sum(m["tokens"] for m in metas) == 2048
+
+
+def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
+    _, _, folder = study  # a llama folder in place of models/smollm2-135m (git-ignored, imported per README)
+    recipe = load_study_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-lora.yaml", [f"model.path={folder}"])
+    assert recipe.experts == AdapterConfig(r=16, alpha=32) and recipe.budget.seed_fraction == 0
+    from elmforest.study.arms import study_methods
+    from elmforest.train.budget import plan_budget
+
+    budget = plan_budget(recipe, recipe.model.context)
+    assert (budget.total_steps, budget.expert_blocks) == (16, 2)
+    names = [m.name for m in study_methods(recipe)]
+    assert {"base", "dense", "btm_ensemble_cached", "btm_arrow", "btm_cat"} <= set(names)

@@ -154,8 +154,8 @@ class ExpertJob(BaseModel):
         return self.spec if threads is None else dataclasses.replace(self.spec, threads=threads)
 
     def record(self) -> dict[str, Any]:
-        """The JSON object job.json holds."""
-        return self.model_dump(mode="json")
+        """The JSON object job.json holds (a full expert's without the adapter fields, as before they existed)."""
+        return self.model_dump(mode="json", exclude={"adapter", "base"} if self.adapter is None else None)
 
 
 class AnchoredJob(ExpertJob):

@@ -10,7 +10,8 @@ weight W0 [d_out, d_in] of the base becomes, in the forward pass,
 with only A and B trainable (B starts at zero, so a fresh adapter is the base exactly).
 
     AdapterConfig        r, alpha, dropout, target_modules (default: the family's attention and MLP
-                         projections, `DEFAULT_TARGETS`)
+                         projections, `DEFAULT_TARGETS`); defined in `elmforest.config`, where it is the
+                         recipe's `experts:` section
     attach               base model -> PeftModel with the base frozen (injected in place)
     save_adapter         the PEFT files, atomically, the weights with our sha256 checksum
     load_adapter_model   base folder + adapter folder -> PeftModel (checksums verified first)
@@ -35,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 from elmforest import storage
-from elmforest.config import DEFAULT_TARGETS, AdapterConfig  # the recipe's `experts` section
+from elmforest.config import AdapterConfig  # the recipe's `experts` section (re-exported here)
 from elmforest.errors import ElmError, require
 from elmforest.models.checkpoint import WEIGHTS_NAME, WeightsHasher, verify_weights, write_safetensors
 from elmforest.models.factory import _layers_of, _width_of, load_model, non_embedding_params
