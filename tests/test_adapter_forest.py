@@ -290,3 +290,40 @@ def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
     assert (budget.total_steps, budget.expert_blocks) == (16, 2)
     names = [m.name for m in study_methods(recipe)]
     assert {"base", "dense", "btm_ensemble_cached", "btm_arrow", "btm_cat"} <= set(names)
+
+
+def _deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    plain = load_model(base).state_dict()
+    merged = _merged_by_hand(base, adapter).state_dict()
+    return {k: (merged[k] - plain[k]).double() for k in plain if not torch.equal(merged[k], plain[k])}
+
+
+def test_a_grown_adapter_starts_as_the_best_rank_r_adapter_of_its_parents(study, tmp_path, capsys):
+    from elmforest.btm.growth import branch_grown_expert, expert_recipe, grow_expert
+
+    run, path, folder = study
+    recipe = expert_recipe(load_study_recipe(path))
+    forest = tmp_path / "forest"
+    shutil.copytree(run / "forest", forest)
+    grown = branch_grown_expert(recipe, run, forest, "numbers", tmp_path / "numbers", top_k=2)
+    parents = json.loads((grown / "grow.json").read_text())["parents"]
+    assert [p["name"] for p in parents] == ["animals", "code"] or [p["name"] for p in parents] == ["code", "animals"]
+    wanted: dict[str, torch.Tensor] = {}
+    for p in parents:
+        for k, d in _deltas(folder, forest / p["name"]).items():
+            wanted[k] = wanted.get(k, 0) + p["weight"] * d
+    got = _deltas(folder, grown)
+    assert got.keys() == wanted.keys() and len(got) == 14
+    for k, d in wanted.items():  # Eckart-Young: the error is the norm of the singular values past rank r
+        s = torch.linalg.svdvals(d)
+        assert torch.linalg.matrix_rank(got[k], rtol=1e-4) <= R
+        assert torch.isclose(torch.linalg.norm(got[k] - d), s[R:].norm(), rtol=1e-3, atol=1e-6), k
+    nearest = branch_grown_expert(recipe, run, forest, "numbers", tmp_path / "nearest", init="nearest")
+    parent = json.loads((nearest / "grow.json").read_text())["parents"][0]["name"]
+    one = _deltas(folder, forest / parent)
+    assert all(torch.allclose(v, one[k], atol=1e-6) for k, v in _deltas(folder, nearest).items())  # exact: rank r
+
+    meta = grow_expert(recipe, run, forest, "numbers", expert_dir=grown, log=lambda _: None)  # trains, merges
+    assert meta["base_sha256"] == Forest(forest).base_sha256 and Forest(forest).names == ["animals", "code", "numbers"]
+    code, out, err = run_cli(["check", forest], capsys)
+    assert code == 0, out + err

@@ -5,7 +5,8 @@ functions taking paths.
             schedule position) or from a weighted parameter average of existing experts; an
             adapter expert (the recipe's `experts` section) is a fresh LoRA adapter on the seed
             instead: PEFT's files only, A drawn from the job's sampler seed, B = 0 (so it computes
-            the seed exactly), a fresh AdamW; the seed folder is its frozen base (`job.base`).
+            the seed exactly), a fresh AdamW; the seed folder is its frozen base (`job.base`). A
+            grown one starts as the best rank-r adapter for its parents' weighted delta sum.
     train   train one expert on its own data; everything it needs is in its folder (`job.json`),
             so it runs the same in-process, in a worker process, or as a Ray task.
     merge   add the trained expert to a forest (once).
@@ -114,8 +115,10 @@ def branch_expert(
 
     From the seed: its weights and (by default) its AdamW state and step, as in the reference
     setup. From experts: the weighted parameter average of their weights, fresh AdamW state.
-    An adapter job (`job.adapter`) branches from the seed only: a fresh adapter (B = 0) whose
-    frozen base is the seed folder. A finished branch (job.json present) is left as it is.
+    An adapter job (`job.adapter`) writes an adapter on its frozen base instead: from the seed a
+    fresh one (B = 0), from experts the best rank-r adapter for their weighted delta sum
+    (`combine.adapters.branch_adapter_average`), each with a fresh AdamW. A finished branch
+    (job.json present) is left as it is.
     """
     expert_dir = Path(expert_dir)
     if (expert_dir / JOB_JSON).is_file():
@@ -125,11 +128,12 @@ def branch_expert(
     if expert_dir.exists():
         shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
     tok = Path(job.tokenizer)
-    if job.adapter is not None:
-        if from_seed is None:
-            raise ElmError("growing an adapter forest (branching from experts) is not supported yet", expert_dir)
+    if job.adapter is not None and from_seed is not None:
         _branch_adapter(expert_dir, job, Path(from_seed))
         job = _fresh_schedule(job.model_copy(update={"base": str(Path(from_seed).resolve())}))
+    elif job.adapter is not None:
+        _branch_adapter_average(expert_dir, job, from_experts)
+        job = _fresh_schedule(job)
     elif from_seed is not None:
         from_seed = Path(from_seed)
         read_json(from_seed / SEED_JSON, "seed.json")
@@ -162,6 +166,22 @@ def _branch_adapter(expert_dir: Path, job: ExpertJob, seed: Path) -> None:
     model = attach(load_model(seed), job.adapter, seed=job.sampler_seed)
     with storage.atomic_dir(expert_dir) as tmp:
         save_adapter(model, tmp)
+
+
+def _branch_adapter_average(expert_dir: Path, job: ExpertJob, parents: list[tuple[Path, float]]) -> None:
+    """A grown adapter expert: the best rank-r adapter for the parents' weighted delta sum
+    (`combine.adapters.branch_adapter_average`) on the job's base, which must be theirs."""
+    from elmforest.combine.adapters import branch_adapter_average
+    from elmforest.models.adapters import base_sha256
+
+    base_hash = base_sha256(job.base)
+    for d, _ in parents:
+        meta = read_expert(d)
+        if meta.get("base_sha256") != base_hash:
+            raise ElmError(f"parent {meta['name']!r} is not an adapter on this run's base {job.base} ({base_hash})",
+                           Path(d) / EXPERT_JSON)
+    branch_adapter_average(job.base, [d for d, _ in parents], [w for _, w in parents], job.adapter, expert_dir,
+                           seed=job.sampler_seed)
 
 
 def _fresh_schedule(job: ExpertJob) -> ExpertJob:

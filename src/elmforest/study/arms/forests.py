@@ -117,7 +117,8 @@ class BtmArm(ForestArm):
         if getattr(recipe.arms, "btx", False):
             raise ElmError("arms.btx merges full experts' MLPs; adapter experts (experts:) cannot feed it: turn it off", source)
         if recipe.rounds:
-            raise ElmError("rounds: growing a forest of adapter experts is not supported yet; drop rounds or experts", source)
+            raise ElmError("rounds: a study that grows a forest of adapter experts round by round is not supported yet "
+                           "(`elmforest grow` is); drop rounds or experts", source)
 
 
 class SeedFractionFields(ArmFields):
