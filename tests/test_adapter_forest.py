@@ -130,8 +130,12 @@ def test_branch_writes_a_fresh_adapter_that_is_the_seed_exactly(study, tmp_path)
     # the init is seeded by the job: branching again gives the same A
     again = load_file(str(branch_expert(tmp_path / "again", job, from_seed=run / "seed") / "adapter_model.safetensors"))
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
-    with pytest.raises(ElmError, match="not supported yet"):
-        branch_expert(tmp_path / "grown", job, from_experts=[(run / "experts" / "code", 1.0)])
+    stranger = tmp_path / "stranger"  # an adapter on another base cannot be a parent
+    shutil.copytree(run / "experts" / "code", stranger)
+    meta = json.loads((stranger / "expert.json").read_text())
+    (stranger / "expert.json").write_text(json.dumps({**meta, "base_sha256": "0" * 64}))
+    with pytest.raises(ElmError, match="parent 'code' is not an adapter on this run's base"):
+        branch_expert(tmp_path / "grown", job, from_experts=[(stranger, 1.0)])
 
 
 def test_trained_expert_records_its_base_by_hash_and_honest_flops(study):
@@ -327,3 +331,36 @@ def test_a_grown_adapter_starts_as_the_best_rank_r_adapter_of_its_parents(study,
     assert meta["base_sha256"] == Forest(forest).base_sha256 and Forest(forest).names == ["animals", "code", "numbers"]
     code, out, err = run_cli(["check", forest], capsys)
     assert code == 0, out + err
+
+
+def test_an_adapter_expert_trains_data_parallel_in_a_local_worker_as_in_one_process(study, tmp_path):
+    from elmforest.btm.experts import train_pending
+
+    run, path, _ = study
+    recipe = load_study_recipe(path, ["launcher.kind=local", "launcher.procs_per_job=2", "launcher.workers=1"])
+    job = expert_job(recipe, run, "code", {"kind": "domain", "domain": "code"})
+    folder = branch_expert(tmp_path / "code", job, from_seed=run / "seed")
+    train_pending(recipe, [folder], log=lambda _: None)  # a worker process spawning 2 gloo ranks
+    one = json.loads((run / "experts" / "code" / "expert.json").read_text())  # the study's: sequential, 1 process
+    two = json.loads((folder / "expert.json").read_text())
+    assert (two["tokens"], two["flops"], two["steps"]) == (one["tokens"], one["flops"], one["steps"])
+    assert two["final_loss"] == pytest.approx(one["final_loss"], abs=1e-5)
+    a, b = load_file(str(run / "experts" / "code" / "adapter_model.safetensors")), load_file(str(folder / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    from elmforest.models.checkpoint import load_train_state
+
+    assert load_train_state(folder / "train_state.pt")["world_size"] == 2  # it did run on two ranks
+
+
+def test_forget_drops_an_adapter_expert_from_a_copy_of_the_forest(study, capsys):
+    run, _, _ = study
+    code, out, err = run_cli(["forget", run, "--domain", "animals"], capsys)
+    assert code == 0, err
+    after = Forest(run / "forget_animals" / "forest")
+    assert after.names == ["code"] and after.base_sha256 == Forest(run / "forest").base_sha256
+    table = json.loads((run / "forget_animals.json").read_text())
+    assert table["ppl"]["after"]["animals"] > table["ppl"]["before"]["animals"]  # its expert gone, the domain got worse
+    shutil.rmtree(run / "forget_animals")
+    (run / "forget_animals.json").unlink()  # the run folder as the other tests expect it

@@ -218,7 +218,9 @@ def job_valid_batches(job: ExpertJob, corpus: Corpus, domains: list[str]) -> lis
 def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
     resumable (a killed run continues from the folder's last checkpoint). Inside a process group
-    every rank calls it (data-parallel training of this one expert); rank 0 writes."""
+    every rank calls it (data-parallel training of this one expert); rank 0 writes. An adapter
+    expert trains its LoRA on the frozen `job.base` (FLOPs: `models.adapters.adapter_flops_per_token`)
+    and its expert.json adds `adapter`, `base` and `base_sha256`."""
     expert_dir = Path(expert_dir)
     done = expert_dir / EXPERT_JSON
     if done.is_file():
