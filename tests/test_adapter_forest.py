@@ -281,6 +281,7 @@ def test_the_study_reports_base_arrow_and_cat_rows_and_adapter_flops(study):
     arm = results["budget"]["arms"]["btm"]
     assert arm["flops"] == sum(m["flops"] for m in metas)  # the seed (the folder itself) cost nothing
     assert arm["tokens"] == sum(m["tokens"] for m in metas) == 2048
+    assert any(n.startswith("`btm` is a forest of LoRA adapter experts") for n in results["notes"])
 
 
 def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):

@@ -94,6 +94,20 @@ class ForestArm(Arm):
         )
 
 
+    def notes(self, record: ArmRecord, run_dir: Path, records: dict[str, ArmRecord]) -> list[str]:
+        folder = self.folder(run_dir, record.arm)
+        if not (folder / "forest.json").is_file() or Forest(folder).base_dir is None:
+            return []
+        dense = records.get("dense")
+        return [
+            f"`{record.arm}` is a forest of LoRA adapter experts on a frozen base: each trained token costs the "
+            "frozen-base count (forward and activation gradients through the base, weight gradients for the adapters "
+            f"only), so at the dense arm's tokens its training FLOPs are {record.flops:.3e}"
+            + (f", {record.flops / dense.flops:.2f}x the dense arm's" if dense and dense.flops else "")
+            + ". Its parameters at inference count each expert merged into the base."
+        ]
+
+
 class BtmArm(ForestArm):
     """The BTM forest: one expert per train domain, branched from the seed."""
 
