@@ -14,7 +14,9 @@ to the `Collector` `c` (one line each, naming the file) instead of stopping at t
     seed           seed.json            a model; seed.json's step = train_state.pt's; hashes = the folder's
     forest         forest.json          every expert present and valid, hashes equal everywhere
 
-The mixtures inside one model (a DEMix folder, a BTX Mixtral folder) have their own rules in
+An adapter expert (expert.json names its base by hash) and an adapter forest (forest.json's
+base_sha256, FOREST/base) are checked against their base by `elmforest.checks.adapters`. The
+mixtures inside one model (a DEMix folder, a BTX Mixtral folder) have their own rules in
 `elmforest.checks.mixtures`. Heavy imports (torch, transformers) happen inside the checks that need
 them, so checking a corpus stays quick.
 """
