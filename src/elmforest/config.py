@@ -7,6 +7,7 @@ overrides are applied before validation and must name an existing key.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,6 +172,37 @@ class LoggingConfig(_Strict):
         return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
 
+# The attention and MLP projections of each family (PEFT matches a name against module-name suffixes:
+# gpt2's "c_proj" is both the attention output and the MLP down projection).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class AdapterConfig(_Strict):
+    """A LoRA adapter per expert on the frozen base (PEFT's `LoraConfig`, under BTM's names)."""
+
+    adapter: Literal["lora"] = Field("lora", description="The adapter kind (PEFT LoRA).")
+    r: int = Field(16, gt=0, description="Rank of each update B @ A.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (training only).")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module-name suffixes to adapt; default the family's attention and MLP projections."
+    )
+
+    def targets_for(self, model_type: str) -> list[str]:
+        """`target_modules`, or the family's default (an error for a family without one)."""
+        if self.target_modules is not None:
+            return list(self.target_modules)
+        if model_type not in DEFAULT_TARGETS:
+            raise ElmError(
+                f"experts.target_modules: required for model type {model_type!r} "
+                f"(defaults exist for {', '.join(DEFAULT_TARGETS)})"
+            )
+        return list(DEFAULT_TARGETS[model_type])
+
+
 class RoundConfig(_Strict):
     """One round of incremental growth: these domains join the forest."""
 
@@ -189,6 +221,11 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    experts: AdapterConfig | None = Field(
+        None,
+        description="Adapter experts: every BTM expert is a LoRA adapter (PEFT) on the frozen seed (with "
+        "budget.seed_fraction 0 the `model.path` model itself) instead of a full copy of it; unset: full experts.",
+    )
     arms: dict[str, Any] = Field(
         default_factory=dict,
         description="Which arms `elmforest run` trains: its keys come from the registry of arms "
@@ -283,6 +320,8 @@ def apply_overrides(
                 node[part] = value
                 break
             ann = fields[part].annotation if schema is not None else None
+            if isinstance(ann, types.UnionType):  # an optional section, `X | None`: its keys are X's
+                ann = next(a for a in ann.__args__ if a is not type(None))
             schema = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
             if schema is None:
                 raise ElmError(f"--set {text!r}: {'.'.join(parts[: i + 1])!r} has no sub-keys")

@@ -2,7 +2,11 @@
 functions taking paths.
 
     branch  create an expert folder from the seed (weights plus, by default, its AdamW state and
-            schedule position) or from a weighted parameter average of existing experts.
+            schedule position) or from a weighted parameter average of existing experts; an
+            adapter expert (the recipe's `experts` section) is a fresh LoRA adapter on the seed
+            instead: PEFT's files only, A drawn from the job's sampler seed, B = 0 (so it computes
+            the seed exactly), a fresh AdamW; the seed folder is its frozen base (`job.base`). A
+            grown one starts as the best rank-r adapter for its parents' weighted delta sum.
     train   train one expert on its own data; everything it needs is in its folder (`job.json`),
             so it runs the same in-process, in a worker process, or as a Ray task.
     merge   add the trained expert to a forest (once).
@@ -69,6 +73,7 @@ def expert_job(
         start = 0
         spec = dataclasses.replace(spec, total_steps=fresh_steps, warmup_steps=min(budget.warmup_steps, max(fresh_steps - 1, 0)))
     domain = data["domain"] if data["kind"] == "domain" else name
+    seed = Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)
     return ExpertJob(
         name=name,
         domain=domain,
@@ -82,11 +87,13 @@ def expert_job(
         start_step=start,
         init_state=init_state,
         parents=parents,
-        seed_checkpoint=str(Path(seed_from).resolve() if seed_from is not None else seed_dir(run_dir)),
+        seed_checkpoint=str(seed),
         valid_windows=recipe.eval.valid_windows_per_domain,
         eval_batch_size=recipe.eval.batch_size,
         train_domains=list(recipe.train_domains),
         recipe=recipe.model_dump(mode="json"),
+        adapter=recipe.experts,
+        base=None if recipe.experts is None else str(seed),
     )
 
 
@@ -108,7 +115,10 @@ def branch_expert(
 
     From the seed: its weights and (by default) its AdamW state and step, as in the reference
     setup. From experts: the weighted parameter average of their weights, fresh AdamW state.
-    A finished branch (job.json present) is left as it is.
+    An adapter job (`job.adapter`) writes an adapter on its frozen base instead: from the seed a
+    fresh one (B = 0), from experts the best rank-r adapter for their weighted delta sum
+    (`combine.adapters.branch_adapter_average`), each with a fresh AdamW. A finished branch
+    (job.json present) is left as it is.
     """
     expert_dir = Path(expert_dir)
     if (expert_dir / JOB_JSON).is_file():
@@ -118,7 +128,13 @@ def branch_expert(
     if expert_dir.exists():
         shutil.rmtree(expert_dir)  # an interrupted branch: job.json is written last
     tok = Path(job.tokenizer)
-    if from_seed is not None:
+    if job.adapter is not None and from_seed is not None:
+        _branch_adapter(expert_dir, job, Path(from_seed))
+        job = _fresh_schedule(job.model_copy(update={"base": str(Path(from_seed).resolve())}))
+    elif job.adapter is not None:
+        _branch_adapter_average(expert_dir, job, from_experts)
+        job = _fresh_schedule(job)
+    elif from_seed is not None:
         from_seed = Path(from_seed)
         read_json(from_seed / SEED_JSON, "seed.json")
         with storage.atomic_dir(expert_dir) as tmp:
@@ -139,6 +155,33 @@ def branch_expert(
         job = _fresh_schedule(job)
     write_job(expert_dir, job)
     return expert_dir
+
+
+def _branch_adapter(expert_dir: Path, job: ExpertJob, seed: Path) -> None:
+    """A fresh LoRA adapter on the seed in PEFT's files: A from the job's sampler seed, B = 0. The
+    seed's AdamW state belongs to its own weights, so the adapter starts a fresh one (`_fresh_schedule`)."""
+    from elmforest.models.adapters import attach, save_adapter
+
+    read_json(seed / SEED_JSON, "seed.json")
+    model = attach(load_model(seed), job.adapter, seed=job.sampler_seed)
+    with storage.atomic_dir(expert_dir) as tmp:
+        save_adapter(model, tmp)
+
+
+def _branch_adapter_average(expert_dir: Path, job: ExpertJob, parents: list[tuple[Path, float]]) -> None:
+    """A grown adapter expert: the best rank-r adapter for the parents' weighted delta sum
+    (`combine.adapters.branch_adapter_average`) on the job's base, which must be theirs."""
+    from elmforest.combine.adapters import branch_adapter_average
+    from elmforest.models.adapters import base_sha256
+
+    base_hash = base_sha256(job.base)
+    for d, _ in parents:
+        meta = read_expert(d)
+        if meta.get("base_sha256") != base_hash:
+            raise ElmError(f"parent {meta['name']!r} is not an adapter on this run's base {job.base} ({base_hash})",
+                           Path(d) / EXPERT_JSON)
+    branch_adapter_average(job.base, [d for d, _ in parents], [w for _, w in parents], job.adapter, expert_dir,
+                           seed=job.sampler_seed)
 
 
 def _fresh_schedule(job: ExpertJob) -> ExpertJob:
@@ -179,7 +222,9 @@ def job_valid_batches(job: ExpertJob, corpus: Corpus, domains: list[str]) -> lis
 def train_expert(expert_dir: str, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Train the expert in `expert_dir` to its budget and write `expert.json`; idempotent and
     resumable (a killed run continues from the folder's last checkpoint). Inside a process group
-    every rank calls it (data-parallel training of this one expert); rank 0 writes."""
+    every rank calls it (data-parallel training of this one expert); rank 0 writes. An adapter
+    expert trains its LoRA on the frozen `job.base` (FLOPs: `models.adapters.adapter_flops_per_token`)
+    and its expert.json adds `adapter`, `base` and `base_sha256`."""
     expert_dir = Path(expert_dir)
     done = expert_dir / EXPERT_JSON
     if done.is_file():
@@ -190,7 +235,14 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
     sampler = expert_sampler(job, corpus)
     valid = job_valid_batches(job, corpus, [job.data.domain] if isinstance(job.data, DomainData) else job.train_domains)
     spec = job.train_spec(threads)
-    model = load_model(expert_dir)
+    if job.adapter is not None:  # the frozen base with this folder's adapter, its A and B trainable
+        from elmforest.models.adapters import base_sha256, load_adapter_model
+
+        model = load_adapter_model(job.base, expert_dir, trainable=True)
+        config = model.get_base_model().config
+    else:
+        model = load_model(expert_dir)
+        config = model.config
     init = None
     if job.init_state and not (expert_dir / TRAIN_STATE).is_file():
         state = load_train_state(job.init_state)  # the seed's AdamW moments and step
@@ -211,10 +263,12 @@ def train_expert(expert_dir: str, threads: int | None = None, progress: bool = F
         "final_valid_loss": result["final_valid_loss"],
         "seconds": result["seconds"],
         "tokenizer_hash": tokenizer_hash(tok),
-        "arch_hash": arch_hash(model.config),
+        "arch_hash": arch_hash(config),
         "elmforest_version": __version__,
         "recipe": job.recipe,
     }
+    if job.adapter is not None:  # what `combine.forest` loads it on, by content (merge refuses another base)
+        meta.update(adapter=job.adapter.model_dump(mode="json"), base=job.base, base_sha256=base_sha256(job.base))
     if distributed.is_main():  # under G data-parallel ranks only rank 0 writes files
         storage.write_json(done, meta)
     return meta

@@ -6,7 +6,8 @@ goes into a file of its own (`grow.json`, `expert.json`, `anchored.json`). It is
 the same typed models, validated (a missing or mistyped field is one `ElmError` line naming the
 file and the field), by the job's runner and by `elmforest check`.
 
-    ExpertJob     a BTM expert: domain experts, random-split experts, grown experts
+    ExpertJob     a BTM expert: domain experts, random-split experts, grown experts; a full model,
+                  or (with `adapter` and `base`) a LoRA adapter on a frozen base
     AnchoredJob   an anchored (FlexOlmo) expert: an ExpertJob plus `kind` and `embed_windows`
 
 `runner` names the function that trains the job, "module:function", and `elmforest train FOLDER`
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from elmforest import storage
 from elmforest.combine.forest import read_json
+from elmforest.config import AdapterConfig
 from elmforest.errors import ElmError
 from elmforest.train.spec import TrainSpec
 
@@ -123,6 +125,17 @@ class ExpertJob(BaseModel):
     train_domains: list[str]
     recipe: dict[str, Any]
     """The whole recipe it was made from (provenance; copied into expert.json)."""
+    adapter: AdapterConfig | None = None
+    """An adapter expert: the LoRA it trains on the frozen `base` (None, and absent from records written
+    before adapter experts existed: a full expert, every weight trained)."""
+    base: str | None = None
+    """An adapter expert's frozen base model folder, absolute (the seed it branched from)."""
+
+    @model_validator(mode="after")
+    def _adapter_has_base(self) -> ExpertJob:
+        if (self.adapter is None) != (self.base is None):
+            raise ValueError("an adapter expert needs both 'adapter' and 'base' (a full expert neither)")
+        return self
 
     @model_validator(mode="after")
     def _own_runner(self) -> ExpertJob:
@@ -141,8 +154,8 @@ class ExpertJob(BaseModel):
         return self.spec if threads is None else dataclasses.replace(self.spec, threads=threads)
 
     def record(self) -> dict[str, Any]:
-        """The JSON object job.json holds."""
-        return self.model_dump(mode="json")
+        """The JSON object job.json holds (a full expert's without the adapter fields, as before they existed)."""
+        return self.model_dump(mode="json", exclude={"adapter", "base"} if self.adapter is None else None)
 
 
 class AnchoredJob(ExpertJob):

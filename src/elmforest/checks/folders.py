@@ -14,7 +14,9 @@ to the `Collector` `c` (one line each, naming the file) instead of stopping at t
     seed           seed.json            a model; seed.json's step = train_state.pt's; hashes = the folder's
     forest         forest.json          every expert present and valid, hashes equal everywhere
 
-The mixtures inside one model (a DEMix folder, a BTX Mixtral folder) have their own rules in
+An adapter expert (expert.json names its base by hash) and an adapter forest (forest.json's
+base_sha256, FOREST/base) are checked against their base by `elmforest.checks.adapters`. The
+mixtures inside one model (a DEMix folder, a BTX Mixtral folder) have their own rules in
 `elmforest.checks.mixtures`. Heavy imports (torch, transformers) happen inside the checks that need
 them, so checking a corpus stays quick.
 """
@@ -26,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from elmforest.checks.adapters import check_adapter_base, check_adapter_expert
 from elmforest.checks.problems import Collector, child_dirs
 
 # A DEMix weight name: layer i's domain-j MLP, e.g. `transformer.h.0.mlp.experts.2.c_fc.weight`.
@@ -253,9 +256,10 @@ def check_model_folder(c: Collector, path: Path) -> None:
 # Experts, training runs, the seed and the dense run
 
 
-def check_expert(c: Collector, path: Path) -> dict[str, Any] | None:
-    """expert.json fields, the model, and the hashes expert.json records equal the folder's own."""
-    from elmforest.combine.forest import read_expert
+def check_expert(c: Collector, path: Path, base: Path | None = None) -> dict[str, Any] | None:
+    """expert.json fields, the model, and the hashes expert.json records equal the folder's own (an
+    adapter expert: its PEFT files and its base, `base` inside a forest, `checks.adapters`)."""
+    from elmforest.combine.forest import is_adapter_expert, read_expert
     from elmforest.models.factory import arch_hash
 
     jpath = path / "expert.json"
@@ -266,13 +270,16 @@ def check_expert(c: Collector, path: Path) -> dict[str, Any] | None:
             check_model(c, path)
         return None
     c.counts(jpath, meta, ("tokens", "flops", "steps"))
-    config = check_model(c, path)
-    arch = arch_hash(config) if config is not None else None
-    if arch is not None and arch != meta["arch_hash"]:
-        c.add(jpath, f"arch_hash {meta['arch_hash']} differs from config.json's {arch}")
-    tok = tokenizer_files_hash(c, path)
-    if tok is not None and tok != meta["tokenizer_hash"]:
-        c.add(jpath, f"tokenizer_hash {meta['tokenizer_hash']} differs from the folder's tokenizer {tok}")
+    if is_adapter_expert(meta):
+        check_adapter_expert(c, path, meta, base)
+    else:
+        config = check_model(c, path)
+        arch = arch_hash(config) if config is not None else None
+        if arch is not None and arch != meta["arch_hash"]:
+            c.add(jpath, f"arch_hash {meta['arch_hash']} differs from config.json's {arch}")
+        tok = tokenizer_files_hash(c, path)
+        if tok is not None and tok != meta["tokenizer_hash"]:
+            c.add(jpath, f"tokenizer_hash {meta['tokenizer_hash']} differs from the folder's tokenizer {tok}")
     if (path / "train_state.pt").is_file():
         check_train_state(c, path / "train_state.pt")
     check_job(c, path)
@@ -393,6 +400,10 @@ def check_forest(c: Collector, path: Path) -> None:
             c.add(jpath, f"field {key!r} is missing or not a string")
         else:
             hashes[key] = data[key]
+    base = None
+    if "base_sha256" in data:  # an adapter forest: its base, and every expert's hash of it
+        base = check_adapter_base(c, path, data)
+        hashes["base_sha256"] = data["base_sha256"]
     experts = data.get("experts")
     if not isinstance(experts, list):
         c.add(jpath, "field 'experts' must be a list")
@@ -424,7 +435,7 @@ def check_forest(c: Collector, path: Path) -> None:
         if not edir.is_dir():
             c.add(jpath, f"experts[{i}] ({e['name']}) references a missing expert folder {e['path']!r}")
             continue
-        meta = check_expert(c, edir)
+        meta = check_expert(c, edir, base)
         c.report.checked.append(f"expert {edir}")
         if meta is None:
             continue
@@ -432,5 +443,7 @@ def check_forest(c: Collector, path: Path) -> None:
             if meta.get(key) != value:
                 c.add(edir / "expert.json", f"{key} {meta.get(key)} differs from forest.json's {value}")
     for sub in child_dirs(path):
-        if sub.name != "tokenizer" and sub.name not in listed and (sub / "model.safetensors").exists():
+        if sub.name not in ("tokenizer", "base") and sub.name not in listed and any(
+            (sub / w).exists() for w in ("model.safetensors", "adapter_model.safetensors")
+        ):
             c.report.leftovers.append(sub)  # copied in by a merge killed before forest.json changed

@@ -65,8 +65,9 @@ def average(
 ) -> None:
     """Average a forest's experts' parameters into one Hugging Face model folder.
 
-    merged = sum_i w_i expert_i tensor by tensor (or a seed-relative merge); the folder holds weights, config, tokenizer files and average.json, and loads with from_pretrained.
+    merged = sum_i w_i expert_i tensor by tensor (or a seed-relative merge); the folder holds weights, config, tokenizer files and average.json, and loads with from_pretrained. An adapter forest gives its base plus the merged adapter deltas, W0 + sum_i w_i scale_i B_i A_i exactly (the base is every seed-relative method's seed).
     """
+    from elmforest.combine.adapters import average_adapter_folders
     from elmforest.combine.averaging import AVERAGING_METHODS, AverageOptions, average_folders, resolve_weights
     from elmforest.models.factory import copy_tokenizer_files
 
@@ -95,7 +96,7 @@ def average(
     elif weights is not None:
         vector = resolve_weights(parse_weights(weights), names).tolist()  # refuses unknown names
 
-    if method in ("task_arithmetic", "ties") and seed_dir is None:
+    if method in ("task_arithmetic", "ties") and seed_dir is None and forest.base_dir is None:
         recorded = next((m.get("seed_checkpoint") for m in metas.values() if m.get("seed_checkpoint")), None)
         require(
             recorded is not None and Path(recorded).is_dir(),
@@ -105,7 +106,11 @@ def average(
 
     options = AverageOptions(normalise=normalise, scale=scale, density=density)
     with storage.atomic_dir(out) as staging:
-        built = average_folders([forest.expert_dir(n) for n in names], vector, method, staging / "merged", seed_dir, options)
+        dirs = [forest.expert_dir(n) for n in names]
+        if forest.base_dir is not None:  # adapter experts: the exact average of their deltas on the base
+            built = average_adapter_folders(forest.base_dir, dirs, vector, method, staging / "merged", options)
+        else:
+            built = average_folders(dirs, vector, method, staging / "merged", seed_dir, options)
         copy_tokenizer_files(forest.tokenizer_dir, built, overwrite=False)  # experts usually carry them; the forest always does
         info = json.loads((built / "average.json").read_text(encoding="utf-8"))
         info.update(forest=str(forest_path), expert_names=names, prior=record.to_json() if record else None)
@@ -124,7 +129,7 @@ def average(
         table.add_row(name, "-" if w is None else f"{w:.4f}")
     console.print(table)
     if info["weights"] is None:
-        console.print(f"seed {info['seed']}, scale {info['scale']}, density {info['density']}")
+        console.print(f"seed {info.get('seed', info.get('base'))}, scale {info['scale']}, density {info['density']}")
     console.print(f"wrote {out}")
 
 

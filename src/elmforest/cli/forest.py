@@ -13,18 +13,27 @@ from elmforest.combine.forest import Forest
 
 def merge(
     forest: Path = typer.Argument(..., help="Forest folder (created with its first expert's tokenizer if absent)."),
-    expert: Path = typer.Argument(..., help="A trained expert folder (HF model files + expert.json)."),
+    expert: Path = typer.Argument(..., help="A trained expert folder (HF model files + expert.json, or an adapter "
+                                  "expert's PEFT files + expert.json naming its base)."),
     name: str = typer.Option(None, help="Name in the forest (default: the expert's own name)."),
 ) -> None:
-    """Merge a trained expert into a forest (copy it in and record it in forest.json)."""
-    from elmforest.combine.forest import read_expert
+    """Merge a trained expert into a forest (copy it in and record it in forest.json).
+
+    A new forest of adapter experts stores the first one's base (expert.json `base`) in FOREST/base;
+    an adapter expert whose base hash differs from the forest's is refused."""
+    from elmforest.combine.forest import expert_weights, is_adapter_expert, read_expert
 
     meta = read_expert(expert)
     if not (forest / "forest.json").exists():
         from elmforest.models.checkpoint import verify_weights
 
-        verify_weights(expert)  # before the new forest folder is written (merge checks it again)
-        Forest.create(forest, expert, meta["tokenizer_hash"], meta["arch_hash"])
+        verify_weights(expert_weights(expert))  # before the new forest folder is written (merge checks it again)
+        base = Path(meta["base"]) if is_adapter_expert(meta) and isinstance(meta.get("base"), str) else None
+        if is_adapter_expert(meta) and (base is None or not base.is_dir()):
+            from elmforest.errors import ElmError
+
+            raise ElmError(f"field 'base': the adapter expert's base folder {meta.get('base')!r} is not there", expert / "expert.json")
+        Forest.create(forest, base or expert, meta["tokenizer_hash"], meta["arch_hash"], base_dir=base)
     entry = Forest(forest).merge(expert, name=name)
     print(f"merged {entry.name} (domain {entry.domain}) into {forest}")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from elmforest.study.recipe import load_recipe
+from elmforest.combine.forest import expert_weights
 from elmforest.errors import ElmError
 
 PROCS_HELP = (
@@ -29,7 +30,7 @@ def _parse_parents(text: str, experts_dir: Path) -> list[tuple[Path, float]]:
         path = Path(name.strip())
         if not path.is_dir():
             path = experts_dir / name.strip()
-        if not (path / "model.safetensors").is_file():
+        if not expert_weights(path).is_file():  # a full expert's model.safetensors or an adapter's
             raise ElmError(f"--from: no trained expert {name.strip()!r} (looked in {path})")
         parents.append((path, w))
     return parents

@@ -13,6 +13,8 @@ causal LM. This module holds what is specific to adapters:
                               add_weighted_adapter "linear", which scales A and B separately and
                               so adds cross terms B_i A_j), task_arithmetic W0 + lambda * sum_i D_i,
                               ties the TIES merge of the deltas.
+    branch_adapter_average    a new rank-r adapter whose update is the best rank-r approximation (SVD)
+                              of the weighted delta sum: how a grown adapter expert branches
     cat_model                 PEFT's add_weighted_adapter(..., combination_type="cat"): the adapters
                               stacked into one of rank sum r_i, w_i * scale_i folded into A_i, which
                               computes the same W0 + sum_i w_i D_i without materialising it.
@@ -38,6 +40,7 @@ from safetensors.torch import load_file
 
 from elmforest import storage
 from elmforest.combine.averaging import COPIED_FILES, WEIGHTS_FILE, AverageOptions, WeightsLike, check_weights, make_plan, merge_tensor, resolve_weights
+from elmforest.config import AdapterConfig
 from elmforest.errors import ElmError, require
 from elmforest.models.adapters import ADAPTER_WEIGHTS_NAME, base_sha256, read_adapter_config
 from elmforest.models.checkpoint import verify_weights, write_safetensors
@@ -145,6 +148,48 @@ def average_adapter_folders(
             if (base_dir / name).is_file():
                 storage.write_bytes(tmp / name, (base_dir / name).read_bytes())
         storage.write_json(tmp / "average.json", record)
+    return out_dir
+
+
+def branch_adapter_average(
+    base_dir: str | Path, adapter_dirs: Sequence[str | Path], weights: Sequence[float], cfg: AdapterConfig,
+    out_dir: str | Path, seed: int,
+) -> Path:
+    """A new adapter (rank cfg.r, PEFT's files in `out_dir`) on the base in `base_dir` whose update is
+    the best rank-r approximation (Eckart-Young) of the parents' weighted delta sum, per adapted module:
+
+        D = sum_j w_j scale_j B_j A_j = U S V^T,   B = U_r sqrt(S_r / scale),   A = sqrt(S_r / scale) V_r^T
+
+    (scale = cfg.alpha / cfg.r), so scale * B @ A = U_r S_r V_r^T: exactly D when D has rank <= r (one
+    parent of rank <= r). Components with a zero singular value, and modules no parent adapts, keep a
+    fresh adapter's init (A drawn from `seed`, B = 0) so they still learn. Growth branches this way."""
+    from elmforest.models.adapters import adapter_state_dict, attach, load_adapter_weights, save_adapter
+
+    dirs, out_dir = _check_adapters(adapter_dirs), Path(out_dir)
+    require(len(weights) == len(dirs), f"{len(weights)} weights for {len(dirs)} adapters")
+    model = attach(load_model(base_dir), cfg, seed=seed)
+    fresh = adapter_state_dict(model)
+    fan_in_fan_out = bool(model.peft_config[model.active_adapter].fan_in_fan_out)
+    total: dict[str, torch.Tensor] = {}
+    for d, w in zip(dirs, weights):
+        for key, delta in adapter_deltas(d).items():
+            total[key] = total.get(key, 0) + float(w) * delta.double()
+    tensors, scale = dict(fresh), cfg.alpha / cfg.r
+    for key, delta in total.items():
+        module = key[: -len(".weight")]
+        a_key, b_key = f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+        require(a_key in fresh, f"the parents adapt {module!r}, which experts.target_modules leaves out", dirs[0])
+        u, s, vh = torch.linalg.svd(delta.T if fan_in_fan_out else delta, full_matrices=False)  # [d_out, d_in] as B @ A
+        k = min(cfg.r, len(s))
+        live = s[:k] > s[0] * 1e-7  # components D has (beyond its rank they are numerically zero)
+        root = (s[:k] / scale).sqrt()
+        a, b = fresh[a_key].double().clone(), torch.zeros(fresh[b_key].shape, dtype=torch.float64)
+        a[:k][live] = (root[:, None] * vh[:k])[live]  # [k, d_in]
+        b[:, :k][:, live] = (u[:, :k] * root)[:, live]  # [d_out, k]
+        tensors[a_key], tensors[b_key] = a.float(), b.float()
+    load_adapter_weights(model, tensors, out_dir)
+    with storage.atomic_dir(out_dir) as tmp:
+        save_adapter(model, tmp)
     return out_dir
 
 

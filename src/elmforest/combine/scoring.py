@@ -70,8 +70,9 @@ def folder_context(model_dir: str | Path) -> int:
 def check_forest_consistency(forest: Forest) -> dict[str, dict[str, Any]]:
     """Check every expert shares the forest's tokenizer and architecture -> {name: expert.json}.
 
-    Compares forest.json's tokenizer_hash / arch_hash with each expert.json and with the hash of
-    the forest's tokenizer folder; a mismatch names the expert and its file. Experts trained with
+    Compares forest.json's tokenizer_hash / arch_hash (and an adapter forest's base_sha256) with
+    each expert.json and with the hash of the forest's tokenizer folder; a mismatch names the
+    expert and its file. Experts trained with
     different tokenizers cannot be mixed token by token, nor averaged tensor by tensor.
     """
     jpath = forest.path / "forest.json"
@@ -97,13 +98,18 @@ def check_forest_consistency(forest: Forest) -> dict[str, dict[str, Any]]:
             f"expert {name!r} has arch_hash {meta['arch_hash']} but the forest's is {want_arch}",
             epath,
         )
+        require(
+            meta.get("base_sha256") == forest.base_sha256,
+            f"expert {name!r} has base_sha256 {meta.get('base_sha256')} but the forest's is {forest.base_sha256}",
+            epath,
+        )
         metas[name] = meta
     return metas
 
 
 def forest_context(forest: Forest) -> int:
-    """The experts' context length (they share one architecture, so the first one's)."""
-    return folder_context(forest.expert_dir(forest.names[0]))
+    """The experts' context length (they share one architecture, so the first one's, or their base's)."""
+    return folder_context(forest.config_dir)
 
 
 def recorded_corpus(metas: Iterable[Mapping[str, Any]]) -> str | None:
@@ -124,11 +130,22 @@ def resolve_corpus(corpus: str | Path | None, metas: Iterable[Mapping[str, Any]]
     return Corpus(corpus)
 
 
-def load_experts(forest: Forest, names: Sequence[str] | None = None, device: str = "cpu") -> list[nn.Module]:
-    """Load experts by name (all of them by default), checksums verified, in eval mode on `device`."""
-    from elmforest.models.factory import load_model  # transformers import: only when models are needed
+def load_expert(forest: Forest, name: str) -> nn.Module:
+    """One expert as a plain causal LM, checksums verified: a full expert's folder, or an adapter
+    expert's LoRA merged into the forest's base (W = W0 + scale * B @ A, `models.adapters.merged_adapter_model`),
+    so every scorer runs it like any model, as fast as one."""
+    if forest.base_dir is None:
+        from elmforest.models.factory import load_model  # transformers import: only when models are needed
 
-    return [load_model(forest.expert_dir(n)).to(device).eval() for n in (forest.names if names is None else names)]
+        return load_model(forest.expert_dir(name))
+    from elmforest.models.adapters import merged_adapter_model
+
+    return merged_adapter_model(forest.base_dir, forest.expert_dir(name))
+
+
+def load_experts(forest: Forest, names: Sequence[str] | None = None, device: str = "cpu") -> list[nn.Module]:
+    """Load experts by name (all of them by default; `load_expert`), in eval mode on `device`."""
+    return [load_expert(forest, n).to(device).eval() for n in (forest.names if names is None else names)]
 
 
 class ExpertPool:

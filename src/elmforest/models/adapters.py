@@ -10,10 +10,12 @@ weight W0 [d_out, d_in] of the base becomes, in the forward pass,
 with only A and B trainable (B starts at zero, so a fresh adapter is the base exactly).
 
     AdapterConfig        r, alpha, dropout, target_modules (default: the family's attention and MLP
-                         projections, `DEFAULT_TARGETS`)
+                         projections, `DEFAULT_TARGETS`); defined in `elmforest.config`, where it is the
+                         recipe's `experts:` section
     attach               base model -> PeftModel with the base frozen (injected in place)
     save_adapter         the PEFT files, atomically, the weights with our sha256 checksum
     load_adapter_model   base folder + adapter folder -> PeftModel (checksums verified first)
+    merged_adapter_model base folder + adapter folder -> the base's plain model with W0 + scale * B A
     adapter_flops_per_token   honest training FLOPs per token of a frozen base plus adapters
 
 The training loop (`train.loop.train`) trains a PeftModel like any model: its optimizer sees only
@@ -28,13 +30,13 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
 from elmforest import storage
+from elmforest.config import AdapterConfig  # the recipe's `experts` section (re-exported here)
 from elmforest.errors import ElmError, require
 from elmforest.models.checkpoint import WEIGHTS_NAME, WeightsHasher, verify_weights, write_safetensors
 from elmforest.models.factory import _layers_of, _width_of, load_model, non_embedding_params
@@ -42,43 +44,12 @@ from elmforest.models.factory import _layers_of, _width_of, load_model, non_embe
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
-# The attention and MLP projections of each family (PEFT matches a name against module-name suffixes:
-# gpt2's "c_proj" is both the attention output and the MLP down projection).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
 # The projections of block 0 that read the block's input (the frozen embeddings, through a frozen
 # norm): no gradient flows into their input, so their backward computes no input gradient.
 FIRST_INPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "llama": ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"),
     "gpt2": ("transformer.h.0.attn.c_attn",),
 }
-
-
-class AdapterConfig(BaseModel):
-    """A LoRA adapter per expert on the frozen base (PEFT's `LoraConfig`, under BTM's names)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    adapter: Literal["lora"] = Field("lora", description="The adapter kind (PEFT LoRA).")
-    r: int = Field(16, gt=0, description="Rank of each update B @ A.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (training only).")
-    target_modules: list[str] | None = Field(
-        None, description="Module-name suffixes to adapt; default the family's attention and MLP projections."
-    )
-
-    def targets_for(self, model_type: str) -> list[str]:
-        """`target_modules`, or the family's default (an error for a family without one)."""
-        if self.target_modules is not None:
-            return list(self.target_modules)
-        if model_type not in DEFAULT_TARGETS:
-            raise ElmError(
-                f"experts.target_modules: required for model type {model_type!r} "
-                f"(defaults exist for {', '.join(DEFAULT_TARGETS)})"
-            )
-        return list(DEFAULT_TARGETS[model_type])
 
 
 def is_adapter_model(model: Any) -> bool:
@@ -179,6 +150,13 @@ def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, trainable:
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ElmError(f"cannot load the adapter: {str(e).splitlines()[0]}", adapter_dir) from None
+
+
+def merged_adapter_model(base_dir: str | Path, adapter_dir: str | Path) -> torch.nn.Module:
+    """The base with the adapter merged into its weights, a plain model of the base's class:
+    every adapted W0 becomes W0 + scale * (B @ A) (PEFT's `merge_and_unload`), so it computes the
+    PeftModel's function at a plain model's speed. In eval mode."""
+    return load_adapter_model(base_dir, adapter_dir).merge_and_unload().eval()
 
 
 def base_sha256(base_dir: str | Path) -> str:

@@ -27,6 +27,7 @@ from elmforest.btm.seed import dense_multiple_name
 from elmforest.config import Recipe
 from elmforest.combine.ensemble import POSTERIORS, UPDATING_POSTERIORS, top_k_prior
 from elmforest.combine.mixing import members_logprobs, mixture_logprobs
+from elmforest.mixtures.stages import model_family
 
 Score = Callable[[Any], torch.Tensor]  # DomainEval -> [N, T]
 
@@ -129,6 +130,10 @@ def _top_k_enabled(k: int) -> Callable[[Recipe], bool]:
 
 register(StudyMethod("seed", "seed", "the seed: the dense run at the seed step", _single("seed"), lambda s: s.model))
 register(StudyMethod(
+    "base", "seed", "the pretrained model (`model.path`) untrained: the seed when budget.seed_fraction is 0",
+    _single("seed"), lambda s: s.model, enabled=lambda r: r.model.path is not None and r.budget.seed_fraction == 0,
+))
+register(StudyMethod(
     "dense", "dense", "the compute-matched dense LM (the seed run continued to the full budget)",
     _single("dense"), lambda s: s.model,
 ))
@@ -166,6 +171,15 @@ register(StudyMethod(
 register(StudyMethod(
     "btm_average_posterior", "btm", "one model: the experts' parameters averaged with the domain's cached prior",
     _average("posterior"), lambda s: s.model,
+))
+register(StudyMethod(
+    "btm_arrow", "btm", "adapter experts (`experts:`) routed by PEFT's Arrow: training-free, per token and layer, "
+    "the top-3 adapters by their prototypes' |cosine| with the token, softmax-mixed (llama: linear projections)",
+    _single("btm_arrow"), lambda s: s.model, enabled=lambda r: r.experts is not None and model_family(r) == "llama",
+))
+register(StudyMethod(
+    "btm_cat", "btm", "adapter experts (`experts:`) merged by PEFT's uniform `cat`: the base plus the mean of the "
+    "adapters' updates", _single("btm_cat"), lambda s: s.model, enabled=lambda r: r.experts is not None,
 ))
 register(StudyMethod(
     "random_ensemble_cached", "random", "a forest trained on random (domain-balanced) splits, cached-prior ensemble",

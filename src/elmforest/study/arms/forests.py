@@ -19,7 +19,10 @@ from pydantic import Field, field_validator
 from elmforest.btm import seed as seeding
 from elmforest.btm.experts import branch_expert, expert_job, merge_once, train_pending
 from elmforest.combine.forest import Forest, read_expert, read_json
-from elmforest.models.factory import load_model, param_count
+from elmforest.combine.adapters import arrow_model, cat_model
+from elmforest.combine.scoring import load_experts
+from elmforest.errors import ElmError
+from elmforest.models.factory import param_count
 from elmforest.study.arms.base import Arm, ArmFields, StageContext
 from elmforest.study.arms.record import ArmRecord
 from elmforest.study.methods import StudyMethod, seed_fraction_arm, seed_fraction_method
@@ -38,10 +41,24 @@ def train_forest(ctx: StageContext, recipe: Any, jobs: list[tuple[str, dict[str,
         paths.append(branch_expert(home / experts / name, job, from_seed=seed))
     train_pending(recipe, paths, ctx.log)
     meta = read_expert(paths[0])
-    made = Forest.create(home / forest, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"])
+    base = seed if recipe.experts is not None else None  # adapter experts: the seed is their frozen base
+    made = Forest.create(home / forest, out / "tokenizer", meta["tokenizer_hash"], meta["arch_hash"], base_dir=base)
     for p in paths:
         merge_once(made, p)
     return made
+
+
+ARROW_TOP_K = 3  # PEFT's ArrowConfig default (capped at the forest's size)
+
+
+def lend_adapter_peers(models: Any, forest: Forest) -> None:
+    """PEFT's combinations of an adapter forest's adapters on its base, as single models:
+    `btm_arrow` (the Arrow router, training-free, top-3 per token and layer, temperature 1) and
+    `btm_cat` (the uniform cat merge: W0 + (1/n) sum_i scale_i B_i A_i)."""
+    dirs = [forest.expert_dir(n) for n in forest.names]
+    if read_json(forest.base_dir / "config.json", "model config").get("model_type") == "llama":  # Arrow: nn.Linear only
+        models.singles["btm_arrow"] = arrow_model(forest.base_dir, dirs, top_k=min(ARROW_TOP_K, len(dirs)))
+    models.singles["btm_cat"] = cat_model(forest.base_dir, dirs)
 
 
 def domain_jobs(recipe: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -49,13 +66,17 @@ def domain_jobs(recipe: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 class ForestArm(Arm):
-    """Base of the forest arms: lends its experts to the evaluation, records seed + experts."""
+    """Base of the forest arms: lends its experts to the evaluation (an adapter forest's merged into
+    its base, `scoring.load_experts`, and PEFT's Arrow router and cat merge of the BTM forest's
+    adapters as `btm_arrow` / `btm_cat`), records seed + experts."""
 
     def provide(self, models: Any, name: str) -> None:
         folder = self.folder(models.run_dir, name)
         if (folder / "forest.json").is_file():
             f = Forest(folder)
-            models.forests[name] = (f.names, [load_model(f.expert_dir(n)).eval() for n in f.names])
+            models.forests[name] = (f.names, load_experts(f))
+            if f.base_dir is not None and name == "btm":
+                lend_adapter_peers(models, f)
 
     def seed_folder(self, run_dir: Path, name: str) -> Path:
         """The seed snapshot its experts branched from (RUN/seed, RUN/sweep/seed<f>/seed)."""
@@ -73,9 +94,23 @@ class ForestArm(Arm):
             arm=name,
             tokens=int(branched["tokens"] + sum(m["tokens"] for m in metas)),
             flops=float(branched["flops"] + sum(m["flops"] for m in metas)),
-            params_at_inference=sum(param_count(load_model(f.expert_dir(n))) for n in f.names),
+            params_at_inference=sum(param_count(m) for m in load_experts(f)),
             compute_matched=True,
         )
+
+
+    def notes(self, record: ArmRecord, run_dir: Path, records: dict[str, ArmRecord]) -> list[str]:
+        folder = self.folder(run_dir, record.arm)
+        if not (folder / "forest.json").is_file() or Forest(folder).base_dir is None:
+            return []
+        dense = records.get("dense")
+        return [
+            f"`{record.arm}` is a forest of LoRA adapter experts on a frozen base: each trained token costs the "
+            "frozen-base count (forward and activation gradients through the base, weight gradients for the adapters "
+            f"only), so at the dense arm's tokens its training FLOPs are {record.flops:.3e}"
+            + (f", {record.flops / dense.flops:.2f}x the dense arm's" if dense and dense.flops else "")
+            + ". Its parameters at inference count each expert merged into the base."
+        ]
 
 
 class BtmArm(ForestArm):
@@ -94,6 +129,15 @@ class BtmArm(ForestArm):
 
     def train(self, ctx: StageContext, name: str) -> None:
         train_forest(ctx, ctx.recipe, domain_jobs(ctx.recipe), ctx.out, "experts", "forest")
+
+    def preflight(self, recipe: Any, source: str) -> None:
+        if recipe.experts is None:
+            return
+        if getattr(recipe.arms, "btx", False):
+            raise ElmError("arms.btx merges full experts' MLPs; adapter experts (experts:) cannot feed it: turn it off", source)
+        if recipe.rounds:
+            raise ElmError("rounds: a study that grows a forest of adapter experts round by round is not supported yet "
+                           "(`elmforest grow` is); drop rounds or experts", source)
 
 
 class SeedFractionFields(ArmFields):
