@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from elmforest.checks.check import check_recipe
 from elmforest.cli import main
+from elmforest.errors import ElmError
 from elmforest.study.recipe import recipe_from_dict
 from elmforest.data.corpus import Corpus
 from elmforest.btm.seed import initial_model, model_context, prepare_tokenizer
@@ -161,3 +163,16 @@ def test_a_bf16_folder_starts_in_float32_with_its_tokenizers_ids(corpus, tmp_pat
     assert torch.equal(model.model.embed_tokens.weight, saved["model.embed_tokens.weight"].float())
     assert (model.config.bos_token_id, model.config.eos_token_id) == (1, 2)
     assert model.generation_config.eos_token_id == 2
+
+
+def test_the_recipe_check_plans_the_budget_on_model_context(corpus, tmp_path):
+    """A folder with 64 positions trained on 16-token windows: 96-token steps divide into 16 x 2
+    domains but not into 64 x 2, so a check that read the folder's positions instead of
+    `model.context` would refuse the recipe that `run` trains (the SmolLM2 recipe's 128 of 8,192)."""
+    folder = pretrained_folder("llama", corpus, tmp_path / "llama")
+    recipe = _recipe(corpus, folder, tmp_path / "run", context=16)
+    recipe["budget"].update(total_tokens=960, batch_tokens=96)
+    check_recipe(recipe_from_dict(recipe), "r.yaml")  # no error
+    recipe["model"]["context"] = 20  # 96 is not a multiple of 20 x 2
+    with pytest.raises(ElmError, match=r"batch_tokens=96 must be a multiple of context x train domains = 20 x 2"):
+        check_recipe(recipe_from_dict(recipe), "r.yaml")

@@ -145,7 +145,7 @@ def initial_model(recipe: Recipe, tokenizer_dir: Path):
     return build_model(model_spec(recipe, tokenizer_dir), seed=recipe.optim.seed)
 
 
-def model_context(recipe: Recipe, tokenizer_dir: Path) -> int:
+def model_context(recipe: Recipe, tokenizer_dir: Path | None = None) -> int:
     """The training window: `model.context`, else the `model.path` folder's positions (a set
     `model.context` may be shorter than those, never longer), else the named size's."""
     if recipe.model.path:
@@ -158,6 +158,8 @@ def model_context(recipe: Recipe, tokenizer_dir: Path) -> int:
         if context > limit:
             raise ElmError(f"model.context={context} exceeds the model folder's {limit} positions", path)
         return context
+    if tokenizer_dir is None:
+        raise ValueError("model_context: a recipe without model.path needs the tokenizer folder")
     return model_spec(recipe, tokenizer_dir).context
 
 

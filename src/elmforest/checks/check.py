@@ -304,7 +304,7 @@ def check_recipe(recipe: Any, source: str | Path = "recipe", procs: int | None =
     token counts known.
     """
     from elmforest.data.corpus import Corpus
-    from elmforest.combine.forest import read_json
+    from elmforest.btm.seed import model_context
     from elmforest.models.factory import resolve_spec
     from elmforest.train.budget import check_data_parallel, plan_budget
     from elmforest.data.tokenizer import load_tokenizer
@@ -324,10 +324,7 @@ def check_recipe(recipe: Any, source: str | Path = "recipe", procs: int | None =
         for name in ("config.json", "model.safetensors"):
             if not (mpath / name).is_file():
                 raise ElmError(f"model.path is not a model folder: no {name}", mpath)
-        config = read_json(mpath / "config.json", "model config")
-        context = config.get("n_positions") or config.get("max_position_embeddings")
-        if not isinstance(context, int) or context < 2:
-            raise ElmError("config.json has no context length (n_positions or max_position_embeddings)", mpath)
+        context = model_context(recipe)  # model.context, at most the folder's positions
     else:
         context = resolve_spec(recipe.model, vocab_size=recipe.tokenizer.vocab_size).context
     if not recipe.rounds:  # growth rounds plan their own budgets (elmforest.study.rounds)
