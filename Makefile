@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/elmforest run recipes/demo.yaml --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20  # the 20 slowest tests, to keep the suite near 20 minutes
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'  # accelerate for the Trainer comparison

@@ -5,7 +5,8 @@ Two contenders train the same randomly initialised llama base through the one lo
 default): 4 layers, width 256, 4 heads, context 128, vocabulary 4096 (4.2M parameters, tied
 embeddings), 8 x 128 tokens per step, where activations dominate the memory; `--size wide`: 8 layers,
 width 512, 8 heads (26M parameters), 2 x 128 tokens per step, where weights, gradients and AdamW
-state do (as they do for a pretrained base):
+state do (as they do for a pretrained base); `--model DIR`: a real model folder (`elmforest model import`,
+e.g. models/smollm2-135m), 2 x 128 tokens per step of its own vocabulary:
 
     full   every tensor trains (a BTM expert): AdamW state for all parameters, every weight gradient
     lora   `models.adapters.attach` with the default AdapterConfig (r 16, alpha 32, the 7 attention
@@ -49,19 +50,23 @@ SIZES = {
 }
 
 
-def child(kind: str, out: Path, size: str, steps: int, warmup: int) -> None:
+def child(kind: str, out: Path, size: str, steps: int, warmup: int, model_dir: str | None = None) -> None:
     """One training run in this process; prints a JSON line with its figures."""
     import torch
 
     from elmforest.models.adapters import AdapterConfig, attach, save_adapter
-    from elmforest.models.factory import ModelSpec, build_model, save_model
+    from elmforest.models.factory import ModelSpec, build_model, load_model, save_model
     from elmforest.train.loop import train
     from elmforest.train.spec import TrainSpec
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1 if size == "quick" else 2)
     layers, width, heads, context, vocab, rows = SIZES[size]
-    model = build_model(ModelSpec("llama", layers, width, heads, context, vocab), 0)
+    if model_dir:
+        model = load_model(model_dir).float()
+        context, vocab, rows = 128, model.config.vocab_size, 2
+    else:
+        model = build_model(ModelSpec("llama", layers, width, heads, context, vocab), 0)
     if kind == "lora":
         model = attach(model, AdapterConfig(), seed=0)
 
@@ -117,6 +122,7 @@ def main() -> None:
     p = record.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 24; quick 4)")
     p.add_argument("--size", choices=["small", "wide"], default="small", help="the base (module docstring)")
+    p.add_argument("--model", help="a model folder to train instead of a random --size base (2 x 128 tokens/step)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse_suppress())
     p.add_argument("--out", help=argparse_suppress())
     a = p.parse_args()
@@ -124,14 +130,14 @@ def main() -> None:
     warmup = 1 if a.quick else 4
     size = "quick" if a.quick else a.size
     if a.child:
-        child(a.child, Path(a.out), size, steps, warmup)
+        child(a.child, Path(a.out), size, steps, warmup, a.model)
         return
     repeats = a.repeats or (1 if a.quick else 3)
 
     def run(kind: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "--child", kind, "--out", tmp, "--steps", str(steps), "--size", a.size,
-                   *(["--quick"] if a.quick else [])]
+                   *(["--quick"] if a.quick else []), *(["--model", a.model] if a.model else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
             return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -161,9 +167,11 @@ def main() -> None:
         f"{adapter / total:.1%} of a full expert's weights on disk (counted, not saved).",
     ]
     layers, width, heads, context, vocab, rows = SIZES[size]
+    base = (f"the model folder {a.model}, 2 x 128 tokens/step" if a.model else
+            f"llama {layers} layers x {width}, {heads} heads, context {context}, vocab {vocab}, {rows} x {context} tokens/step"
+            f" (size {size})")
     settings = (
-        f"llama {layers} layers x {width}, {heads} heads, context {context}, vocab {vocab}, {rows} x {context} tokens/step"
-        f" (size {size})" + f", fp32, AdamW, {steps} steps per run (tokens/s median of the steps after {warmup}), {repeats} interleaved "
+        base + f", fp32, AdamW, {steps} steps per run (tokens/s median of the steps after {warmup}), {repeats} interleaved "
         f"repeats, each run its own process with {1 if a.quick else 2} torch threads"
     )
     record.emit("adapters", settings, table, notes, a.quick)

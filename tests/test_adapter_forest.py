@@ -8,6 +8,7 @@ tensors (the merged weights W0 + scale * B @ A, the FLOPs from the layer shapes'
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -225,6 +226,27 @@ def test_a_one_expert_adapter_forest_scores_base_plus_adapter(study, tmp_path, c
         assert not torch.allclose(got, token_logprobs(load_model(folder).eval(), windows), atol=1e-3)
 
 
+def test_generate_on_an_adapter_forest_continues_as_its_merged_model(study, tmp_path, capsys):
+    """`generate` on a one-expert adapter forest writes what the base + adapter merged by hand in
+    the test (saved as a plain model folder) writes, and not what the bare base writes."""
+    run, _, folder = study
+    one = tmp_path / "one"
+    assert run_cli(["merge", one, run / "experts" / "code"], capsys)[0] == 0
+    merged = tmp_path / "merged"
+    _merged_by_hand(folder, run / "experts" / "code").save_pretrained(str(merged))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, merged / name)
+    args = ["--prompt", "def f", "--greedy", "--max-new-tokens", "24", "--device", "cpu"]
+    texts = {}
+    for key, target in (("forest", one), ("merged", merged), ("base", folder)):
+        code, out, err = run_cli(["generate", target, *args], capsys)
+        assert code == 0, err
+        texts[key] = out
+    assert texts["forest"] == texts["merged"] and texts["forest"].startswith("def f")
+    assert texts["forest"] != texts["base"]
+
+
 def test_average_of_an_adapter_forest_is_the_exact_delta_average(study, tmp_path, capsys):
     run, _, folder = study
     out = tmp_path / "avg"
@@ -282,6 +304,13 @@ def test_the_study_reports_base_arrow_and_cat_rows_and_adapter_flops(study):
     assert arm["flops"] == sum(m["flops"] for m in metas)  # the seed (the folder itself) cost nothing
     assert arm["tokens"] == sum(m["tokens"] for m in metas) == 2048
     assert any(n.startswith("`btm` is a forest of LoRA adapter experts") for n in results["notes"])
+    # the forest's posterior against PEFT's router and merge: paired ratios of the train-domain
+    # geometric means, worked out here from the per-domain perplexities
+    for a, b in (("btm_ensemble_cached", "btm_arrow"), ("btm_average_posterior", "btm_cat")):
+        (row,) = [c for c in results["comparisons"] if (c["a"], c["b"], c["part"]) == (a, b, "train")]
+        logs = {m: [math.log(results[m]["train"][d]) for d in ("animals", "code")] for m in (a, b)}
+        assert row["ratio"] == pytest.approx(math.exp(sum(logs[a]) / 2 - sum(logs[b]) / 2), rel=1e-6)
+        assert row["ci"][0] <= row["ratio"] <= row["ci"][1]
 
 
 def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
@@ -292,7 +321,7 @@ def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
     from elmforest.train.budget import plan_budget
 
     budget = plan_budget(recipe, recipe.model.context)
-    assert (budget.total_steps, budget.expert_blocks) == (16, 2)
+    assert (budget.total_steps, budget.expert_blocks) == (64, 2)
     names = [m.name for m in study_methods(recipe)]
     assert {"base", "dense", "btm_ensemble_cached", "btm_arrow", "btm_cat"} <= set(names)
 
@@ -365,3 +394,34 @@ def test_forget_drops_an_adapter_expert_from_a_copy_of_the_forest(study, capsys)
     assert table["ppl"]["after"]["animals"] > table["ppl"]["before"]["animals"]  # its expert gone, the domain got worse
     shutil.rmtree(run / "forget_animals")
     (run / "forget_animals.json").unlink()  # the run folder as the other tests expect it
+
+
+def test_an_adapter_expert_trains_on_ray_slurm_and_through_storage_as_in_one_process(study, tmp_path, monkeypatch):
+    """The same adapter branch trained by the sequential launcher, a real local Ray, submitit's
+    local executor (a fresh `python -m`) and a local worker through `launcher.storage` (the folder
+    pulled from a file:// URL into scratch space, pushed back, pulled home; the base read from its
+    path, like the corpus): the same adapter, bit for bit."""
+    from elmforest.config import LauncherConfig
+    from elmforest.launch.launchers import run_jobs
+    from test_parallel_experts import run_on_ray
+
+    run, path, _ = study
+    recipe = load_study_recipe(path)
+    job = expert_job(recipe, run, "code", {"kind": "domain", "domain": "code"})
+    kinds = ("sequential", "ray", "slurm", "storage")
+    folders = {k: str(branch_expert(tmp_path / k / "code", job, from_seed=run / "seed")) for k in kinds}
+    run_jobs([folders["sequential"]], train_expert, LauncherConfig(kind="sequential", threads_per_worker=1), log=lambda _: None)
+    run_on_ray([folders["ray"]], LauncherConfig(kind="ray", num_cpus=1, threads_per_worker=1))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    slurm = LauncherConfig(kind="slurm", threads_per_worker=1, slurm={"cluster": "local", "timeout_min": 5})
+    run_jobs([folders["slurm"]], train_expert, slurm, log=lambda _: None)
+    bucket = tmp_path / "bucket"
+    stored = LauncherConfig(kind="local", workers=1, threads_per_worker=1, storage=f"file://{bucket}", sync_seconds=0.2)
+    run_jobs([folders["storage"]], train_expert, stored, log=lambda _: None)
+    assert (bucket / "code" / "adapter_model.safetensors").is_file() and (bucket / "code" / "expert.json").is_file()
+    want = (Path(folders["sequential"]) / "adapter_model.safetensors").read_bytes()
+    for kind in ("ray", "slurm", "storage"):
+        folder = Path(folders[kind])
+        assert (folder / "adapter_model.safetensors").read_bytes() == want, kind
+        assert json.loads((folder / "expert.json").read_text())["base_sha256"] == base_sha256(run / "seed")
+    assert not (Path(folders["sequential"]) / "model.safetensors").exists()  # an adapter, not a full copy
