@@ -313,6 +313,38 @@ def test_the_study_reports_base_arrow_and_cat_rows_and_adapter_flops(study):
         assert row["ci"][0] <= row["ratio"] <= row["ci"][1]
 
 
+def test_the_dense_adapter_trains_the_forests_tokens_and_flops_on_balanced_batches(study):
+    """arms.dense_adapter: one adapter on both train domains, the dense batch's rows (each domain's
+    share of them) for the experts' steps: the forest's tokens and FLOPs, and it learned."""
+    run, _, folder = study
+    results = json.loads((run / "results.json").read_text())
+    arms = results["budget"]["arms"]
+    assert arms["dense_adapter"]["tokens"] == arms["btm"]["tokens"] == 2048
+    assert arms["dense_adapter"]["flops"] == arms["btm"]["flops"]
+    adapter = run / "dense_adapter" / "adapter"
+    job, expert = read_job(adapter), read_job(run / "experts" / "code")
+    assert job.batch_blocks == 2 * expert.batch_blocks  # B, against each expert's B/2
+    assert job.data.domains == ["animals", "code"] and job.data.parts == 1 and job.data.mix == "balanced"
+    meta = json.loads((adapter / "expert.json").read_text())
+    assert meta["steps"] == json.loads((run / "experts" / "code" / "expert.json").read_text())["steps"]
+    assert meta["base_sha256"] == base_sha256(run / "seed") and not (adapter / "model.safetensors").exists()
+    # its row scores the base with its adapter merged by hand here
+    for domain in ("animals", "code"):
+        assert results["dense_adapter"]["train"][domain] < results["base"]["train"][domain]
+    by_hand = _merged_by_hand(folder, adapter)
+    windows = _windows()
+    from types import SimpleNamespace
+
+    from elmforest.study.arms import ARMS
+
+    lent = SimpleNamespace(run_dir=run, singles={})  # what the evaluation's StudyModels gives an arm
+    ARMS["dense_adapter"].provide(lent, "dense_adapter")
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(lent.singles["dense_adapter"], windows), token_logprobs(by_hand, windows))
+    rows = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert ("btm_ensemble_cached", "dense_adapter") in rows
+
+
 def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
     _, _, folder = study  # a llama folder in place of models/smollm2-135m (git-ignored, imported per README)
     recipe = load_study_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-lora.yaml", [f"model.path={folder}"])
@@ -323,7 +355,7 @@ def test_the_smollm2_lora_recipe_validates_and_lists_the_adapter_rows(study):
     budget = plan_budget(recipe, recipe.model.context)
     assert (budget.total_steps, budget.expert_blocks) == (64, 2)
     names = [m.name for m in study_methods(recipe)]
-    assert {"base", "dense", "btm_ensemble_cached", "btm_arrow", "btm_cat"} <= set(names)
+    assert {"base", "dense", "dense_adapter", "btm_ensemble_cached", "btm_arrow", "btm_cat"} <= set(names)
 
 
 def _deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:

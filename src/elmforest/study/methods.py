@@ -138,6 +138,11 @@ register(StudyMethod(
     _single("dense"), lambda s: s.model,
 ))
 register(StudyMethod(
+    "dense_adapter", "dense_adapter", "adapter experts (`experts:`): one adapter of the same shape on all train domains, "
+    "domain-balanced, at the adapter forest's tokens and FLOPs (arms.dense_adapter)",
+    _single("dense_adapter"), lambda s: s.model,
+))
+register(StudyMethod(
     "btm_ensemble_uniform", "btm", "the forest's experts mixed with fixed 1/n weights",
     _uniform("btm"), _n_experts_running(),
 ))

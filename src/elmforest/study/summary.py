@@ -43,6 +43,7 @@ CLAIMS: list[tuple[str, str, str]] = [
     ("anchored_moe", "dense", "The anchored opt-out mixture-of-experts beats the dense LM (with its extra compute)"),
     ("anchored_moe", "btm_ensemble_cached", "The anchored opt-out mixture-of-experts beats BTM's cached-prior ensemble"),
     ("anchored_moe_router_tuned", "anchored_moe", "Tuning the anchored mixture's router rows helps"),
+    ("btm_ensemble_cached", "dense_adapter", "The adapter forest's cached-prior ensemble beats one adapter on all train domains (same tokens and FLOPs)"),
     ("btm_ensemble_cached", "btm_arrow", "The forest's cached-prior ensemble beats PEFT's Arrow router on the same adapters"),
     ("btm_average_posterior", "btm_cat", "Posterior-weighted averaging of the adapters beats PEFT's uniform cat merge"),
 ]

@@ -21,6 +21,7 @@ from elmforest.study.arms.base import Arm, ArmFields
 from elmforest.study.arms.btx import BtxArm
 from elmforest.study.arms.cbtm import ClusterArm
 from elmforest.study.arms.demix import DemixArm
+from elmforest.study.arms.dense_adapter import DenseAdapterArm
 from elmforest.study.arms.dense import DenseArm, DenseMultipleArm, SeedArm
 from elmforest.study.arms.forests import BtmArm, RandomArm, SeedFractionArm
 from elmforest.study.arms.opt_out import OptOutArm
@@ -34,6 +35,7 @@ ARMS: dict[str, Arm] = {
         SeedArm(),
         DenseArm(),
         DenseMultipleArm(),
+        DenseAdapterArm(),
         BtmArm(),
         SeedFractionArm(),
         RandomArm(),
