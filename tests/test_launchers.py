@@ -250,7 +250,16 @@ def test_local_failure_raises_after_retries_and_spares_the_others(reference, tmp
     assert_same_weights([good], ref_paths[:1])
 
 
-def test_local_ctrl_c_terminates_workers(tmp_path):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test, whatever this process inherited (a shell's
+    background job starts with SIGINT ignored, and an interrupt would then never arrive)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_local_ctrl_c_terminates_workers(tmp_path, python_ctrl_c):
     (path,) = make_folders(tmp_path, ["sleepy"])
     pid_file = Path(path) / "pid"
 
