@@ -321,6 +321,7 @@ def test_the_dense_adapter_trains_the_forests_tokens_and_flops_on_balanced_batch
     arms = results["budget"]["arms"]
     assert arms["dense_adapter"]["tokens"] == arms["btm"]["tokens"] == 2048
     assert arms["dense_adapter"]["flops"] == arms["btm"]["flops"]
+    assert arms["dense_adapter"]["params_at_inference"] == sum(p.numel() for p in load_model(folder).parameters())
     adapter = run / "dense_adapter" / "adapter"
     job, expert = read_job(adapter), read_job(run / "experts" / "code")
     assert job.batch_blocks == 2 * expert.batch_blocks  # B, against each expert's B/2

@@ -23,8 +23,8 @@ from elmforest.btm import seed as seeding
 from elmforest.btm.experts import branch_expert, expert_job, train_pending
 from elmforest.combine.forest import EXPERT_JSON, read_json
 from elmforest.models.adapters import merged_adapter_model
-from elmforest.models.factory import param_count
 from elmforest.study.arms.base import Arm, ArmFields, StageContext
+from elmforest.study.arms.dense import model_params
 from elmforest.study.arms.record import ArmRecord
 from elmforest.train.budget import plan_budget, train_spec
 
@@ -86,6 +86,6 @@ class DenseAdapterArm(Arm):
             arm=name,
             tokens=int(branched["tokens"] + meta["tokens"]),
             flops=float(branched["flops"] + meta["flops"]),
-            params_at_inference=param_count(merged_adapter_model(meta["base"], folder)),
+            params_at_inference=model_params(Path(meta["base"])),  # merged into its base: the base's shape
             compute_matched=True,
         )
